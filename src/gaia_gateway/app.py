@@ -1,0 +1,179 @@
+"""From settings to a running process (or several, sharing the port with SO_REUSEPORT)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import Callable
+
+from . import __version__
+from .config import ConfigError, Settings
+from .core import AuthConfig, Authenticator, Gateway, JwksCache, Limits, parse_upstream_url
+from .transports import GatewayServer, new_event_loop, resolve_loop
+
+__all__ = ["build_gateway", "run", "serve"]
+
+log = logging.getLogger("gaia_gateway")
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def build_gateway(settings: Settings) -> Gateway:
+    """Check every setting that can be checked before listening; ConfigError on a bad one."""
+    try:
+        routes = {path: parse_upstream_url(url) for path, url in settings.routes.items()}
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    jwks: JwksCache | None = None
+    if settings.jwks_file or settings.jwks_url:
+        jwks = JwksCache(cooldown=settings.jwks_cooldown)
+        if settings.jwks_file:
+            try:
+                jwks.load(_read(settings.jwks_file, "JWKS file"))
+            except ValueError as exc:
+                raise ConfigError(f"{settings.jwks_file}: {exc}") from None
+    public_key = _read(settings.jwt_public_key, "JWT public key") if settings.jwt_public_key else None
+    try:
+        auth = Authenticator(
+            AuthConfig(
+                algorithms=tuple(settings.jwt_algorithms),
+                audience=settings.jwt_audience,
+                issuer=settings.jwt_issuer,
+                leeway=settings.jwt_leeway,
+            ),
+            secret=settings.jwt_secret,
+            public_key=public_key,
+            jwks=jwks,
+            jwks_refreshable=bool(settings.jwks_url),
+        )
+        limits = Limits(
+            max_message_size=settings.max_message_size,
+            max_header_bytes=settings.max_header_bytes,
+            handshake_timeout=settings.handshake_timeout,
+            connect_timeout=settings.connect_timeout,
+            close_timeout=settings.close_timeout,
+            idle_timeout=settings.idle_timeout,
+            send_timeout=settings.send_timeout,
+            write_buffer_high=settings.write_buffer,
+            write_buffer_low=settings.write_buffer // 4,
+        )
+        return Gateway(
+            routes, auth, limits,
+            allowed_origins=frozenset(settings.allowed_origins)
+            if settings.allowed_origins is not None else None,
+            max_connections=settings.max_connections,
+            version=__version__,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _server_ssl(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.certfile:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(settings.certfile, settings.keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS certificate/key: {exc}") from None
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+async def serve(
+    settings: Settings,
+    *,
+    sock: socket.socket | None = None,
+    ready: Callable[[GatewayServer], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until ``stop`` is set or SIGTERM/SIGINT, then drain within the grace period."""
+    loop = asyncio.get_running_loop()
+    gateway = build_gateway(settings)
+    server = GatewayServer(
+        gateway, loop, server_ssl=_server_ssl(settings),
+        upstream_ca_file=settings.upstream_ca_file, jwks_url=settings.jwks_url,
+    )
+    if settings.upstream_ca_file:
+        _read(settings.upstream_ca_file, "upstream CA file")
+    try:
+        port = await server.start(settings.host, settings.port,
+                                  reuse_port=settings.workers > 1, sock=sock)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread (tests): the caller sets ``stop``
+    scheme = "https" if server.tls else "http"
+    log.info("listening", extra={"fields": {
+        "url": f"{scheme}://{settings.host}:{port}", "loop": type(loop).__module__.split(".")[0],
+        "routes": ",".join(f"{p}->{u}" for p, u in settings.routes.items()),
+        "pid": os.getpid(), "version": __version__}})
+    if ready is not None:
+        ready(server)
+    await stop.wait()
+    log.info("draining", extra={"fields": {"open": len(server.clients),
+                                           "grace_s": settings.shutdown_grace}})
+    await server.shutdown(settings.shutdown_grace)
+    log.info("stopped", extra={"fields": {"pid": os.getpid()}})
+
+
+def run(settings: Settings) -> int:
+    """Run the gateway in this process, or fork ``workers`` processes; exit status."""
+    kind = resolve_loop(settings.loop)
+    build_gateway(settings)  # fail fast, once, before forking
+    if settings.workers == 1:
+        return _run_one(settings, kind)
+    children: list[int] = []
+    for _ in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                code = _run_one(settings, kind)
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for child in children:
+        _, code = os.waitpid(child, 0)
+        status = status or os.waitstatus_to_exitcode(code)
+    return status
+
+
+def _run_one(settings: Settings, kind: str, *, reuse_loop: bool = False) -> int:
+    """Serve in this process; ``reuse_loop``: on the loop already set (the demo's)."""
+    loop = asyncio.get_event_loop() if reuse_loop else new_event_loop(kind)
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(serve(settings))
+    except ConfigError as exc:
+        print(f"gaia-gateway: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        loop.close()
+    return 0

@@ -1,0 +1,148 @@
+"""The listening socket, shared state of one process, JWKS refreshes, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+import urllib.request
+from typing import Any
+
+from ..core import Gateway, JwksCache, Rejected, Session
+from .protocol import ClientProtocol
+
+__all__ = ["GatewayServer"]
+
+log = logging.getLogger("gaia_gateway.access")
+syslog = logging.getLogger("gaia_gateway")
+
+
+class GatewayServer:
+    def __init__(
+        self,
+        gateway: Gateway,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        server_ssl: ssl.SSLContext | None = None,
+        upstream_ca_file: str | None = None,
+        jwks_url: str | None = None,
+    ) -> None:
+        self.gateway = gateway
+        self.loop = loop
+        self.server_ssl = server_ssl
+        self.tls = server_ssl is not None
+        self.clients: set[ClientProtocol] = set()
+        self._upstream_ca_file = upstream_ca_file
+        self._upstream_ssl: ssl.SSLContext | None = None
+        self._jwks_url = jwks_url
+        self._jwks_waiters: list[ClientProtocol] = []
+        self._server: asyncio.base_events.Server | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ------------------------------------------------------------------ serving
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False,
+                    sock: socket.socket | None = None) -> int:
+        if sock is not None:
+            self._server = await self.loop.create_server(
+                lambda: ClientProtocol(self), sock=sock, ssl=self.server_ssl, backlog=2048)
+        else:
+            self._server = await self.loop.create_server(
+                lambda: ClientProtocol(self), host, port, ssl=self.server_ssl,
+                reuse_port=reuse_port or None, backlog=2048,
+            )
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def shutdown(self, grace: float) -> None:
+        """Drain: new handshakes get 503, open sessions get 1001, then stop listening."""
+        gw = self.gateway
+        gw.draining = True
+        now = time.time()
+        for client in list(self.clients):
+            if client.session is not None:
+                client.run(client.session.shutdown(now))
+        if self.clients:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except asyncio.TimeoutError:
+                syslog.warning("shutdown grace over: dropping connections",
+                               extra={"fields": {"open": len(self.clients)}})
+        if self._server is not None:
+            self._server.close()
+        for client in list(self.clients):
+            if client.transport is not None:
+                client.transport.abort()
+            up = client.upstream
+            if up is not None and up.transport is not None:
+                up.transport.abort()
+        await asyncio.sleep(0)
+
+    def connection_done(self) -> None:
+        if not self.clients:
+            self._idle.set()
+
+    # --------------------------------------------------------------- upstream TLS
+
+    def upstream_ssl(self, tls: bool) -> ssl.SSLContext | None:
+        if not tls:
+            return None
+        if self._upstream_ssl is None:
+            self._upstream_ssl = ssl.create_default_context(cafile=self._upstream_ca_file)
+        return self._upstream_ssl
+
+    # ------------------------------------------------------------------- JWKS
+
+    def fetch_keys(self, client: ClientProtocol) -> None:
+        """Join or start the single JWKS refresh; the waiting sessions resume after it."""
+        cache = self.gateway.auth.jwks
+        assert cache is not None and self._jwks_url is not None
+        self._jwks_waiters.append(client)
+        if not cache.fetching:
+            cache.fetch_started(time.time())
+            self.loop.create_task(self._refresh_jwks(cache, self._jwks_url))
+
+    async def _refresh_jwks(self, cache: JwksCache, url: str) -> None:
+        try:
+            body = await self.loop.run_in_executor(None, _fetch, url)
+            cache.load(body)
+            syslog.info("JWKS refreshed", extra={"fields": {"keys": len(cache.keys)}})
+        except Exception as exc:  # noqa: BLE001 - any failure keeps the old key set
+            syslog.warning("JWKS refresh failed; keeping the cached keys",
+                           extra={"fields": {"error": str(exc)[:200]}})
+        finally:
+            cache.fetch_finished()
+            waiters, self._jwks_waiters = self._jwks_waiters, []
+            now = time.time()
+            for client in waiters:
+                if client.session is not None and client.transport is not None:
+                    client.run(client.session.keys_updated(now))
+
+    # -------------------------------------------------------------------- logs
+
+    def log_open(self, session: Session) -> None:
+        if log.isEnabledFor(logging.INFO):
+            log.info("open", extra={"fields": session.info()})
+
+    def log_close(self, session: Session) -> None:
+        if log.isEnabledFor(logging.INFO):
+            log.info("close", extra={"fields": session.info()})
+
+    def log_reject(self, session: Session, action: Rejected) -> None:
+        level = logging.INFO if action.status in (200, 101) else logging.WARNING
+        if action.status >= 500:
+            level = logging.ERROR if action.status == 500 else logging.WARNING
+        log.log(level, "reject", extra={"fields": session.info()})
+
+
+def _fetch(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - configured URL
+        return resp.read(1024 * 1024)
