@@ -212,6 +212,26 @@ class FrameRelay:
         if rem >= n:  # the fast path: all of it is payload of the frame in flight
             self._remaining = rem - n
             return data
+        if rem == 0 and not self._held and self._inject is None and n > 3:
+            # The common case, kept short: the chunk starts with a complete, final, unfragmented
+            # text or binary frame header (FIN set, RSV clear) and holds that frame or its start.
+            b0 = data[0]
+            if (b0 == 0x81 or b0 == 0x82) and not self._in_message:
+                b1 = data[1]
+                mask = b1 & 0x80
+                if mask == self._expect_mask:
+                    length = b1 & 0x7F
+                    if length == 126:
+                        length = (data[2] << 8) | data[3]
+                        end = 8 + length if mask else 4 + length
+                    elif length < 126:
+                        end = 6 + length if mask else 2 + length
+                    else:
+                        end = 0
+                    if end >= n and length <= self._max_message:
+                        self.messages += 1
+                        self._remaining = end - n
+                        return data
         if self._held:
             data = self._held + data
             self._held = b""
