@@ -418,7 +418,9 @@ class Session:
         }
         if self.reason:
             info["reason"] = self.reason
-        if c2u is not None and u2c is not None:
+        if self.subprotocol:
+            info["subprotocol"] = self.subprotocol
+        if c2u is not None and u2c is not None and self.state is not State.OPEN:
             info.update(
                 initiator=self.initiator,
                 client_close=_fmt_close(self.client_close),
