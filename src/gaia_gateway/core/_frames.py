@@ -187,8 +187,8 @@ class FrameRelay:
         if self.stopped:
             return frame  # stopped by a signal, at a boundary; nothing more to watch
         if self._remaining == 0:
+            # A partial header held here is never forwarded, but the watch needs it.
             self.stopped = self._watch = True
-            self._held = b""
             return frame
         self._inject = frame
         return b""
@@ -209,7 +209,9 @@ class FrameRelay:
         n = len(data)
         self.bytes += n
         rem = self._remaining
-        if rem >= n:  # the fast path: all of it is payload of the frame in flight
+        # The fast path: all of it is payload of the frame in flight (unless it ends the frame
+        # and a close waits to be injected right behind it).
+        if rem > n or (rem == n and self._inject is None):
             self._remaining = rem - n
             return data
         if rem == 0 and not self._held and self._inject is None and n > 3:

@@ -85,7 +85,10 @@ def http_response(
 ) -> bytes:
     """A complete HTTP/1.1 response (the connection closes after it unless ``keep_alive``)."""
     payload = body.encode("utf-8")
-    phrase = HTTPStatus(status).phrase
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:  # a status the stdlib does not name (an upstream's 499, say)
+        phrase = ""
     lines = [f"HTTP/1.1 {status} {phrase}"]
     lines.extend(f"{name}: {value}" for name, value in headers)
     if payload:
@@ -187,7 +190,11 @@ class UpstreamRequest:
             return UpstreamAnswer(502, error="upstream chose a subprotocol nobody offered")
         raw_ext = b", ".join(extensions).decode("latin-1") if extensions else None
         if raw_ext:
-            for ext in split_comma_header(raw_ext.encode("latin-1")):
+            try:
+                answered = split_comma_header(raw_ext.encode("latin-1"))
+            except UnicodeDecodeError:  # wsproto splits it as ASCII
+                return UpstreamAnswer(502, error="upstream sent a non-ASCII extension header")
+            for ext in answered:
                 if ext.split(";", 1)[0].strip().lower() not in self._offered_extensions:
                     return UpstreamAnswer(502, error="upstream chose an extension nobody offered")
         return UpstreamAnswer(101, subprotocol=protocol, extensions=raw_ext)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
@@ -116,6 +117,10 @@ class Gateway:
         )
         status = 503 if self.draining else 200
         return http_response(status, body, content_type="application/json")
+
+
+# Where an h11 error message starts quoting the peer's bytes.
+_QUOTED = re.compile(r":| b'| b\"| bytearray\(")
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
@@ -368,7 +373,7 @@ class Session:
             self._owed_client_close = (signal.code, signal.reason)
             if self._up_close_rcvd or self._up_gone or self._client_close_sent:
                 actions += self._pay_client_close()
-            elif not self._up_close_sent:
+            if not self._up_close_sent:  # also when the upstream's own close is unanswered
                 actions += self._close_upstream_with(CLOSE_GOING_AWAY, "client protocol error")
         return actions + self._finish([], now)
 
@@ -450,10 +455,22 @@ class Session:
                 return self._reject(414, "request line too long", now)
             if status == 431:
                 return self._reject(431, "request headers too large", now)
-            return self._reject(status if 400 <= status < 500 else 400, f"bad request: {exc}", now)
+            # h11 quotes the offending bytes (e.g. a request line with ?token=): keep them out
+            # of the reason, which goes to the log line and the response body.
+            detail = _QUOTED.split(str(exc), maxsplit=1)[0]
+            return self._reject(status if 400 <= status < 500 else 400,
+                                f"bad request: {detail}", now)
         if event is h11.NEED_DATA:
             return []
         if isinstance(event, h11.Request):
+            # h11 bounds only a head that is still incomplete; one that arrived whole in a
+            # single chunk is measured here.
+            limit = self.limits.max_header_bytes
+            line = len(event.method) + len(event.target) + 11  # "M T HTTP/1.1\r\n"
+            if line > limit:
+                return self._reject(414, "request line too long", now)
+            if line + sum(len(k) + len(v) + 4 for k, v in event.headers) + 2 > limit:
+                return self._reject(431, "request headers too large", now)
             return self._route(event, now)
         return self._reject(400, "bad request", now)
 
@@ -466,8 +483,11 @@ class Session:
         if path == "/health":
             if req.method not in (b"GET", b"HEAD"):
                 return self._reject(405, "method not allowed", now, [("Allow", "GET, HEAD")])
-            self.status = 200
-            return self._respond(self.gateway.health(), now)
+            self.status = 503 if self.gateway.draining else 200
+            response = self.gateway.health()
+            if req.method == b"HEAD":  # the headers a GET would get, no body
+                response = response[: response.index(b"\r\n\r\n") + 4]
+            return self._respond(response, now)
         upstream = self.gateway.routes.get(path)
         if upstream is None:
             return self._reject(404, "no such route", now)
@@ -497,6 +517,8 @@ class Session:
             extra = [(k.decode(), v.decode()) for k, v in getattr(hint, "headers", [])
                      if k.lower() != b"content-length"]
             return self._reject(status, str(exc), now, extra)
+        except UnicodeError:  # wsproto decodes some headers as ASCII (Host as IDNA)
+            return self._reject(400, "undecodable websocket handshake header", now)
         except StopIteration:  # pragma: no cover - wsproto always yields the request
             return self._reject(400, "bad websocket request", now)
         origins = gw.allowed_origins
@@ -508,6 +530,8 @@ class Session:
         self._ws_request = ws_request
         self._upstream = upstream
         self._early = conn_trailing(self._h11)
+        if len(self._early) > self.limits.max_early_bytes:  # sent in the request's own chunk
+            return self._reject(400, "too much data before the upgrade completed", now)
         pairs = parse_qsl(query, keep_blank_values=True)
         for name, value in pairs:
             if name == "experience":
@@ -533,7 +557,10 @@ class Session:
         self.user_id = verdict.user_id
         assert self._ws_request is not None and self._upstream is not None
         req = self._ws_request
-        offered = [p for p in req.subprotocols if p != self._token_entry]
+        # Any bearer.<JWT> entry, also one not used for authentication, is a token: never
+        # forward it (nor, therefore, let the upstream choose and echo it).
+        offered = [p for p in req.subprotocols
+                   if p != self._token_entry and not p.startswith("bearer.")]
         raw_ext = ", ".join(req.extensions) if req.extensions else None  # type: ignore[arg-type]
         proto = "https" if self.tls else "http"
         identity = [
@@ -620,6 +647,7 @@ class Session:
         if self.state is State.OPEN:
             self.state = State.CLOSING
             self._closing_deadline = now + self.limits.close_timeout
+            self._idle_deadline = None  # close_timeout bounds the rest
             self._set_deadline()
 
     def _close_client_with(self, code: int, reason: str) -> list[Action]:
@@ -657,6 +685,7 @@ class Session:
     def _client_too_slow(self, now: float) -> list[Action]:
         self._begin_closing("gateway", now)
         self.gateway_close = (CLOSE_GOING_AWAY, "client not reading")
+        self._blocked_since = None  # handled: else the deadline stays in the past
         self._client_gone = True
         self._client_closed = True
         actions: list[Action] = [CloseClient(abort=True)]
