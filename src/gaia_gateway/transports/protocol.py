@@ -56,6 +56,7 @@ class ClientProtocol(asyncio.Protocol):
         self._timer_at: float | None = None
         self._linger: asyncio.TimerHandle | None = None
         self._logged_close = False
+        self._released = False
 
     # ---------------------------------------------------------------- asyncio API
 
@@ -99,21 +100,34 @@ class ClientProtocol(asyncio.Protocol):
         session = self.session
         if session is not None and not session.closed:
             self.run(session.client_eof(time.time()))
-        self._cancel_timer()
         if self._linger is not None:
             self._linger.cancel()
-        server = self.server
-        server.gateway.open_connections -= 1
-        server.clients.discard(self)
+        self.server.gateway.open_connections -= 1
         self.c2u = None
-        up = self.upstream
-        if up is not None and up.transport is not None and not up.transport.is_closing():
-            up.transport.abort()
         if self._connect_task is not None and not self._connect_task.done():
             self._connect_task.cancel()
-        self._log_close()
         self.transport = None
-        server.connection_done()
+        up = self.upstream
+        if up is not None and up.transport is not None and not up.transport.is_closing():
+            if session is not None and not session.closed:
+                # The session is closing the upstream itself (its 1001 may still sit in the
+                # write buffer): let it finish, bounded by close_timeout; the upstream's
+                # connection_lost releases this protocol.
+                up.u2c = None  # nobody to relay to: the session discards what comes
+                up.transport.resume_reading()  # paused for this client: read the reply
+                return
+            up.transport.abort()
+        self._release()
+
+    def _release(self) -> None:
+        """Both sockets are done: forget this connection."""
+        if self._released:
+            return
+        self._released = True
+        self._cancel_timer()
+        self.server.clients.discard(self)
+        self._log_close()
+        self.server.connection_done()
 
     def pause_writing(self) -> None:
         up = self.upstream
@@ -283,10 +297,13 @@ class UpstreamProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.u2c = None
         client = self.client
+        client.c2u = None  # the hot path writes to this socket: the session's path checks it
         session = client.session
         if session is not None and not session.closed:
             client.run(session.upstream_eof(time.time()))
         self.transport = None
+        if client.transport is None:  # the client left first and waited for this side
+            client._release()
 
     def pause_writing(self) -> None:
         t = self.client.transport

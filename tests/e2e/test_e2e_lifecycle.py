@@ -1,0 +1,135 @@
+"""Graceful shutdown with sessions open, and the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+from helpers import (
+    HOST,
+    SECRET,
+    EchoServer,
+    GatewayHandle,
+    RawWS,
+    bad_tokens,
+    free_port,
+    handshake_status,
+    http_request,
+    token,
+    wait_until,
+)
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_stop_closes_sessions_with_1001(gateway_factory: Callable[..., GatewayHandle],
+                                        echo: EchoServer) -> None:
+    grace = 4.0
+    gw = gateway_factory(echo.url(), shutdown_grace=grace, close_timeout=1.0)
+    with contextlib.ExitStack() as stack:
+        clients = []
+        for i in range(3):
+            ws = stack.enter_context(connect(gw.url(token()), open_timeout=5))
+            clients.append(ws)
+            ws.send(f"m{i}")
+            assert ws.recv(timeout=3) == f"m{i}"
+        # One client that never answers the gateway's close frame: it holds the drain open
+        # until close_timeout.
+        mute = stack.enter_context(RawWS(gw.port, f"/ws/experience?token={token()}"))
+        assert mute.status == 101
+        gw.request_stop()
+        for ws in clients:
+            with pytest.raises(ConnectionClosed) as info:
+                ws.recv(timeout=3)
+            assert info.value.rcvd is not None
+            assert (info.value.rcvd.code, info.value.rcvd.reason) == (1001, "gateway shutting down")
+        frame = mute.recv_frame(3)
+        assert frame.close[0] == 1001
+        # While the drain runs, new connections are refused with 503. (The gateway answers
+        # as soon as it accepts, before the request arrives, so a client may see the
+        # connection end before it could send its request: read the answer raw.)
+        status, _, _ = http_request(gw.port, f"GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n")
+        assert status == 503
+        status, _, _ = http_request(gw.port, (
+            f"GET /ws/experience?token={token()} HTTP/1.1\r\nHost: {HOST}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"))
+        assert status == 503
+        assert gw.done.wait(grace + 2), "serve() did not return"
+        assert gw.error is None
+        took = gw.returned_at - gw.stop_requested_at
+        assert took < grace, f"serve() returned {took:.2f}s after stop"
+        assert mute.drain_to_eof(2) is not None
+    assert wait_until(lambda: all(r.closed.is_set() for r in echo.records), 3)
+    assert len(echo.records) == 4
+    assert [r.close_code for r in echo.records[:3]] == [1001, 1001, 1001]
+    with pytest.raises(ConnectionRefusedError):
+        http_request(gw.port, f"GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n")
+    gw.assert_no_loop_errors()
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("GAIA_") and k != "SUPABASE_JWT_SECRET"}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def test_cli_subprocess(loop_kind: str, echo: EchoServer) -> None:
+    port = free_port()
+    log_format = "json" if loop_kind == "uvloop" else "text"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gaia_gateway", "--host", HOST, "--port", str(port),
+         "--jwt-secret", SECRET, "--upstream", echo.url(), "--loop", loop_kind,
+         "--log-level", "debug", "--log-format", log_format, "--shutdown-grace", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_clean_env(),
+    )
+    good = token()
+    bad = bad_tokens()["wrong secret"]
+    try:
+        def healthy() -> bool:
+            try:
+                return http_request(port, f"GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n",
+                                    timeout=1)[0] == 200
+            except OSError:
+                assert proc.poll() is None, "the gateway exited early"
+                return False
+
+        assert wait_until(healthy, 15, 0.05), "the CLI gateway never became healthy"
+        status, _, body = http_request(port, f"GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n")
+        doc = json.loads(body)
+        assert status == 200 and doc["status"] == "ok" and "version" in doc
+        base = f"ws://{HOST}:{port}/ws/experience"
+        with connect(f"{base}?token={good}&experience=cli", open_timeout=5) as ws:
+            ws.send("through the CLI")
+            assert ws.recv(timeout=3) == "through the CLI"
+        with connect(base, open_timeout=5, subprotocols=[f"bearer.{good}", "game.v1"]) as ws:
+            assert ws.subprotocol == "game.v1"
+        for kwargs in ({}, {"additional_headers": {"Authorization": f"Bearer {bad}"}},
+                       {"subprotocols": [f"bearer.{bad}"]}):
+            url = f"{base}?token={bad}" if not kwargs else base
+            assert handshake_status(url, **kwargs) == 403
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        _, stderr = proc.communicate(timeout=10)
+        assert time.monotonic() - t0 < 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    log = stderr.decode("utf-8", "replace")
+    assert proc.returncode == 0, log
+    assert "listening" in log and "stopped" in log, log
+    assert "reject" in log and "open" in log, log  # the handshakes were logged...
+    assert good not in log and bad not in log  # ...without their tokens
+    assert "eyJ" not in log, log
+    assert SECRET not in log

@@ -1,0 +1,171 @@
+"""TLS on both legs: wss:// to the gateway (trustme CA #1), wss:// to the upstream (CA #2)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+from helpers import HOST, EchoServer, GatewayHandle, RawWS, handshake_status, token
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@dataclass
+class Pki:
+    gateway_ca: trustme.CA
+    certfile: str
+    keyfile: str
+    upstream_ca_file: str
+    upstream_ctx: ssl.SSLContext  # server context of the trusted upstream
+    rogue_ctx: ssl.SSLContext  # server context signed by a CA nobody trusts
+
+    def client_ctx(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        self.gateway_ca.configure_trust(ctx)
+        return ctx
+
+
+def _server_ctx(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(HOST, "localhost").configure_cert(ctx)
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    tmp: Path = tmp_path_factory.mktemp("pki")
+    gateway_ca, upstream_ca, rogue_ca = trustme.CA(), trustme.CA(), trustme.CA()
+    cert = gateway_ca.issue_cert(HOST, "localhost")
+    cert.cert_chain_pems[0].write_to_path(str(tmp / "gw.pem"))
+    cert.private_key_pem.write_to_path(str(tmp / "gw.key"))
+    upstream_ca.cert_pem.write_to_path(str(tmp / "upstream-ca.pem"))
+    return Pki(gateway_ca, str(tmp / "gw.pem"), str(tmp / "gw.key"),
+               str(tmp / "upstream-ca.pem"), _server_ctx(upstream_ca), _server_ctx(rogue_ca))
+
+
+@pytest.fixture
+def tls_echo(pki: Pki) -> Iterator[EchoServer]:
+    server = EchoServer(ssl_context=pki.upstream_ctx).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def rogue_echo(pki: Pki) -> Iterator[EchoServer]:
+    server = EchoServer(ssl_context=pki.rogue_ctx).start()
+    yield server
+    server.stop()
+
+
+def tls_gateway(factory: Callable[..., GatewayHandle], pki: Pki, upstream: str) -> GatewayHandle:
+    return factory(upstream, certfile=pki.certfile, keyfile=pki.keyfile,
+                   upstream_ca_file=pki.upstream_ca_file)
+
+
+def test_tls_both_legs_echo(gateway_factory: Callable[..., GatewayHandle], pki: Pki,
+                            tls_echo: EchoServer) -> None:
+    gw = tls_gateway(gateway_factory, pki, tls_echo.url())
+    url = gw.url(token())
+    assert url.startswith("wss://")
+    with connect(url, ssl=pki.client_ctx(), open_timeout=5, max_size=None) as ws:
+        for message in ("hello", b"\x00\x01" * 40000, "y" * 70000):
+            ws.send(message)
+            assert ws.recv(timeout=3) == message
+        ws.close(4001, "bye")
+        assert (ws.close_code, ws.close_reason) == (4001, "bye")
+    rec = tls_echo.wait_record()
+    assert rec.closed.wait(3)
+    assert rec.close_code == 4001
+    assert rec.header("X-Forwarded-Proto") == ["https"]
+
+
+def test_tls_upstream_close_and_drop(gateway_factory: Callable[..., GatewayHandle], pki: Pki,
+                                     tls_echo: EchoServer) -> None:
+    gw = tls_gateway(gateway_factory, pki, tls_echo.url())
+    with connect(gw.url(token()), ssl=pki.client_ctx(), open_timeout=5) as ws:
+        ws.send("cmd:close 4002 srv")
+        with pytest.raises(ConnectionClosed) as info:
+            ws.recv(timeout=3)
+        assert info.value.rcvd is not None
+        assert (info.value.rcvd.code, info.value.rcvd.reason) == (4002, "srv")
+    with connect(gw.url(token()), ssl=pki.client_ctx(), open_timeout=5) as ws:
+        ws.send("cmd:drop")
+        with pytest.raises(ConnectionClosed) as info:
+            ws.recv(timeout=3)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1011
+
+
+def test_tls_health(gateway_factory: Callable[..., GatewayHandle], pki: Pki,
+                    tls_echo: EchoServer) -> None:
+    gw = tls_gateway(gateway_factory, pki, tls_echo.url())
+    ctx = pki.client_ctx()
+    with socket.create_connection((HOST, gw.port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname=HOST) as sock:
+        sock.sendall(f"GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert json.loads(body)["status"] == "ok"
+    # Plain HTTP against the TLS port: no HTTP answer, the connection is just closed.
+    with socket.create_connection((HOST, gw.port), timeout=5) as plain:
+        plain.sendall(f"GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        try:
+            answer = plain.recv(65536)
+        except ConnectionResetError:
+            answer = b""
+        assert not answer.startswith(b"HTTP/"), answer[:100]
+    assert tls_echo.requests == 0
+
+
+def test_tls_untrusted_upstream_502(gateway_factory: Callable[..., GatewayHandle], pki: Pki,
+                                    rogue_echo: EchoServer) -> None:
+    gw = tls_gateway(gateway_factory, pki, rogue_echo.url())
+    assert handshake_status(gw.url(token()), ssl=pki.client_ctx()) == 502
+    assert rogue_echo.records == []
+
+
+def test_tls_client_reset_upstream_gets_1001(gateway_factory: Callable[..., GatewayHandle],
+                                             pki: Pki, tls_echo: EchoServer) -> None:
+    gw = tls_gateway(gateway_factory, pki, tls_echo.url())
+    ws = RawWS(gw.port, f"/ws/experience?token={token()}", ssl_context=pki.client_ctx())
+    assert ws.status == 101
+    ws.send_frame(0x1, b"hello")
+    assert ws.recv_frame().payload == b"hello"
+    t0 = time.monotonic()
+    ws.reset()
+    rec = tls_echo.wait_record()
+    assert rec.closed.wait(3)
+    assert rec.close_code == 1001
+    assert rec.closed_at - t0 < 1.5
+
+
+def test_tls_stalled_client_bounded_and_dropped(gateway_factory: Callable[..., GatewayHandle],
+                                                pki: Pki, tls_echo: EchoServer) -> None:
+    gw = gateway_factory(tls_echo.url(), certfile=pki.certfile, keyfile=pki.keyfile,
+                         upstream_ca_file=pki.upstream_ca_file, send_timeout=1.0)
+    t0 = time.monotonic()
+    with RawWS(gw.port, f"/ws/experience?token={token()}", rcvbuf=4096,
+               ssl_context=pki.client_ctx()) as ws:
+        assert ws.status == 101
+        ws.send_frame(0x1, f"cmd:flood {50 * 1024 * 1024} 65536".encode())
+        rec = tls_echo.wait_record()
+        peak = 0
+        while not rec.closed.is_set() and time.monotonic() - t0 < 5:
+            peak = max([peak, *(c for c, _ in gw.write_buffers())])
+            time.sleep(0.02)
+        assert rec.closed.is_set(), "the stalled TLS client was never dropped"
+        assert rec.close_code == 1001
+        assert 0.9 <= rec.closed_at - t0 < 2.5
+        assert peak <= 512 * 1024, peak
+        assert rec.flood_sent < 25 * 1024 * 1024
