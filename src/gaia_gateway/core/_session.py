@@ -37,11 +37,6 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import h11
-from wsproto.events import AcceptConnection
-from wsproto.events import Request as WsRequest
-from wsproto.handshake import H11Handshake
-from wsproto.connection import ConnectionType
-from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
 from ._actions import (
     Accepted,
@@ -65,6 +60,7 @@ from ._frames import (
 )
 from ._http import Upstream, UpstreamAnswer, UpstreamRequest, http_response
 from ._limits import Limits
+from ._upgrade import UpgradeRefused, UpgradeRequest, check_upgrade, switching_protocols
 
 __all__ = ["Gateway", "Session", "State"]
 
@@ -153,8 +149,7 @@ class Session:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
         self._saw_newline = False
         self._early = b""  # client bytes received before the relay runs
-        self._ws: H11Handshake | None = None
-        self._ws_request: WsRequest | None = None
+        self._upgrade: UpgradeRequest | None = None
         self._upstream: Upstream | None = None
         self._target = ""
         self._upstream_req: UpstreamRequest | None = None
@@ -507,29 +502,18 @@ class Session:
         gw = self.gateway
         if gw.max_connections is not None and gw.open_connections > gw.max_connections:
             return self._reject(503, "too many connections", now, [("Retry-After", "1")])
-        ws = H11Handshake(ConnectionType.SERVER)
-        try:
-            ws.initiate_upgrade_connection(headers, req.target)
-            ws_request = next(e for e in ws.events() if isinstance(e, WsRequest))
-        except WsRemoteProtocolError as exc:
-            hint = exc.event_hint
-            status = getattr(hint, "status_code", 400)
-            extra = [(k.decode(), v.decode()) for k, v in getattr(hint, "headers", [])
-                     if k.lower() != b"content-length"]
-            return self._reject(status, str(exc), now, extra)
-        except UnicodeError:  # wsproto decodes some headers as ASCII (Host as IDNA)
-            return self._reject(400, "undecodable websocket handshake header", now)
-        except StopIteration:  # pragma: no cover - wsproto always yields the request
-            return self._reject(400, "bad websocket request", now)
+        upgrade = check_upgrade(req)
+        if isinstance(upgrade, UpgradeRefused):
+            return self._reject(upgrade.status, upgrade.reason, now, list(upgrade.headers))
+        early = conn_trailing(self._h11)
         origins = gw.allowed_origins
         if origins is not None:
             origin = _header(headers, b"origin")
             if origin and origin[0].decode("latin-1") not in origins:
                 return self._reject(403, "origin not allowed", now)
-        self._ws = ws
-        self._ws_request = ws_request
+        self._upgrade = upgrade
         self._upstream = upstream
-        self._early = conn_trailing(self._h11)
+        self._early = early
         if len(self._early) > self.limits.max_early_bytes:  # sent in the request's own chunk
             return self._reject(400, "too much data before the upgrade completed", now)
         pairs = parse_qsl(query, keep_blank_values=True)
@@ -540,7 +524,7 @@ class Session:
         auth_header = _header(headers, b"authorization")
         token, entry = token_from_request(
             pairs, auth_header[0].decode("latin-1") if auth_header else None,
-            ws_request.subprotocols,
+            upgrade.subprotocols,
         )
         self._token, self._token_entry = token, entry
         self._target = upstream.path + ("?" + query if query else "")
@@ -555,13 +539,13 @@ class Session:
             return self._reject(403, verdict.reason, now)
         self._token = None  # not needed any more; keep secrets short-lived
         self.user_id = verdict.user_id
-        assert self._ws_request is not None and self._upstream is not None
-        req = self._ws_request
+        assert self._upgrade is not None and self._upstream is not None
+        req = self._upgrade
         # Any bearer.<JWT> entry, also one not used for authentication, is a token: never
         # forward it (nor, therefore, let the upstream choose and echo it).
         offered = [p for p in req.subprotocols
                    if p != self._token_entry and not p.startswith("bearer.")]
-        raw_ext = ", ".join(req.extensions) if req.extensions else None  # type: ignore[arg-type]
+        raw_ext = req.extensions
         proto = "https" if self.tls else "http"
         identity = [
             ("X-Forwarded-For", self.client_addr),
@@ -569,7 +553,7 @@ class Session:
             ("X-Request-ID", self.request_id),
             ("X-User-Id", verdict.user_id),
         ]
-        client_headers = [(k, v) for k, v in req.extra_headers]
+        client_headers = req.headers
         self._upstream_req = UpstreamRequest(
             self._upstream, self._target, client_headers,
             nonce=self._random(16), subprotocols=offered, extensions=raw_ext,
@@ -583,11 +567,9 @@ class Session:
         if answer.status != 101:
             status = answer.status if 400 <= answer.status < 500 else 502
             return [CloseUpstream(abort=True)] + self._reject(status, answer.error or "refused", now)
-        assert self._ws is not None and self._upstream_req is not None
-        extra: list[tuple[bytes, bytes]] = [(b"X-Request-ID", self.request_id.encode())]
+        assert self._upgrade is not None and self._upstream_req is not None
         rsv_first = rsv_cont = 0
         if answer.extensions:
-            extra.append((b"Sec-WebSocket-Extensions", answer.extensions.encode("latin-1")))
             names = {e.split(";", 1)[0].strip().lower() for e in answer.extensions.split(",")}
             if names - {"permessage-deflate"}:
                 rsv_first = rsv_cont = 0x70  # unknown extensions: their bits are theirs
@@ -595,7 +577,8 @@ class Session:
                 rsv_first = 0x40  # RFC 7692 6: RSV1 on the first frame of a compressed message
         self.subprotocol = answer.subprotocol
         self.extensions = answer.extensions
-        response = self._ws.send(AcceptConnection(subprotocol=answer.subprotocol, extra_headers=extra))
+        response = switching_protocols(self._upgrade.key, answer.subprotocol, answer.extensions,
+                                       (("X-Request-ID", self.request_id),))
         limit = self.limits.max_message_size
         self.c2u = FrameRelay(masked=True, max_message_size=limit,
                               rsv_first=rsv_first, rsv_cont=rsv_cont)
@@ -603,8 +586,7 @@ class Session:
                               rsv_first=rsv_first, rsv_cont=rsv_cont)
         self.state = State.OPEN
         self.status = 101
-        self._ws = None
-        self._ws_request = None
+        self._upgrade = None
         self._h11 = None  # type: ignore[assignment]
         if self.limits.idle_timeout is not None:
             self._idle_deadline = now + self.limits.idle_timeout
