@@ -399,6 +399,31 @@ def test_slow_client_mid_frame_gets_the_upstream_close_after_the_frame() -> None
     assert parse_close(out[rest:], masked=True) == (1001, "client not reading")
 
 
+def test_upstream_not_reading_is_dropped_after_send_timeout() -> None:
+    # The client is not read while the upstream's buffer is full, so a client that leaves
+    # meanwhile is invisible; the same send timeout ends the session.
+    s = opened()
+    s.upstream_write_blocked(NOW + 2)
+    assert s.deadline == NOW + 32
+    actions = s.handle_timer(NOW + 32)
+    assert [type(a) for a in actions] == [CloseUpstream, SendToClient]
+    assert actions[0] == CloseUpstream(abort=True)
+    assert parse_close(actions[1].data, masked=False) == (1011, "upstream not reading")
+    assert s.receive_client(cclose(1011), NOW + 32.1) == [
+        CloseClient()
+    ]
+    assert s.state is State.CLOSED
+
+
+def test_unblocked_upstream_is_not_dropped() -> None:
+    s = opened()
+    s.upstream_write_blocked(NOW)
+    s.upstream_write_unblocked()
+    assert s.deadline is None
+    assert s.handle_timer(NOW + 100) == []
+    assert s.state is State.OPEN
+
+
 def test_unblocked_client_is_not_dropped() -> None:
     s = opened()
     s.client_write_blocked(NOW)

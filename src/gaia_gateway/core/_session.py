@@ -179,7 +179,8 @@ class Session:
         self.upstream_close: tuple[int | None, str] | None = None  # what the upstream sent
         self.gateway_close: tuple[int, str] | None = None  # what the gateway sent, if anything
         self._closing_deadline: float | None = None
-        self._blocked_since: float | None = None
+        self._blocked_since: float | None = None  # the client's writes blocked since
+        self._up_blocked_since: float | None = None  # the upstream's
         self._idle_mark = -1
         self._idle_deadline: float | None = None
 
@@ -315,6 +316,9 @@ class Session:
         blocked = self._blocked_since
         if blocked is not None and now - blocked >= self.limits.send_timeout:
             return self._client_too_slow(now)
+        blocked = self._up_blocked_since
+        if blocked is not None and now - blocked >= self.limits.send_timeout:
+            return self._upstream_too_slow(now)
         if self._idle_deadline is not None and now >= self._idle_deadline:
             assert self.c2u is not None and self.u2c is not None
             mark = self.c2u.bytes + self.u2c.bytes
@@ -335,6 +339,21 @@ class Session:
     def client_write_unblocked(self) -> None:
         if self._blocked_since is not None:
             self._blocked_since = None
+            self._set_deadline()
+
+    def upstream_write_blocked(self, now: float) -> None:
+        """The upstream's write buffer passed the high-water mark (it is not reading).
+
+        The client is not read meanwhile, so a client that leaves would go unnoticed: the
+        same ``send_timeout`` bounds this direction too.
+        """
+        if self._up_blocked_since is None:
+            self._up_blocked_since = now
+            self._set_deadline()
+
+    def upstream_write_unblocked(self) -> None:
+        if self._up_blocked_since is not None:
+            self._up_blocked_since = None
             self._set_deadline()
 
     def shutdown(self, now: float) -> list[Action]:
@@ -674,6 +693,16 @@ class Session:
         actions += self._close_upstream_with(CLOSE_GOING_AWAY, "client not reading")
         return actions + self._finish([], now)
 
+    def _upstream_too_slow(self, now: float) -> list[Action]:
+        self._begin_closing("gateway", now)
+        self._up_blocked_since = None
+        self.upstream_close = self.upstream_close or (1006, "upstream not reading")
+        self._up_gone = True
+        self._up_closed = True
+        actions: list[Action] = [CloseUpstream(abort=True)]
+        actions += self._close_client_with(CLOSE_INTERNAL_ERROR, "upstream not reading")
+        return actions + self._finish([], now)
+
     def _close_timeout(self, now: float) -> list[Action]:
         actions: list[Action] = []
         if self._owed_client_close is not None:
@@ -708,8 +737,9 @@ class Session:
             self.deadline = None
             return
         candidates = [self._closing_deadline, self._idle_deadline]
-        if self._blocked_since is not None:
-            candidates.append(self._blocked_since + self.limits.send_timeout)
+        for since in (self._blocked_since, self._up_blocked_since):
+            if since is not None:
+                candidates.append(since + self.limits.send_timeout)
         self.deadline = min((c for c in candidates if c is not None), default=None)
 
 

@@ -302,15 +302,26 @@ class UpstreamProtocol(asyncio.Protocol):
         if session is not None and not session.closed:
             client.run(session.upstream_eof(time.time()))
         self.transport = None
-        if client.transport is None:  # the client left first and waited for this side
+        t = client.transport
+        if t is None:  # the client left first and waited for this side
             client._release()
+        elif not t.is_closing():
+            t.resume_reading()  # it may be paused for this upstream: read its close reply
 
     def pause_writing(self) -> None:
-        t = self.client.transport
+        client = self.client
+        t = client.transport
         if t is not None:
             t.pause_reading()
+        if client.session is not None:
+            client.session.upstream_write_blocked(time.time())
+            client._arm_timer()
 
     def resume_writing(self) -> None:
-        t = self.client.transport
+        client = self.client
+        t = client.transport
         if t is not None and not t.is_closing():
             t.resume_reading()
+        if client.session is not None:
+            client.session.upstream_write_unblocked()
+            client._arm_timer()
