@@ -20,7 +20,7 @@ _COMMANDS = ("serve", "demo", "token")
 def make_token(secret: str, sub: str = "demo-user", ttl: float = 3600.0,
                audience: str = "authenticated", **claims: object) -> str:
     """A development HS256 token shaped like a Supabase access token."""
-    import jwt  # noqa: PLC0415
+    import jwt
 
     now = int(time.time())
     payload = {"sub": sub, "aud": audience, "role": "authenticated", "iat": now,
@@ -69,8 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser = _demo_parser() if command == "demo" else _parser()
     args = parser.parse_args(args_list)
-    from .app import run  # noqa: PLC0415 - keep --help fast
-    from .logs import setup_logging  # noqa: PLC0415
+    from .app import run
+    from .logs import setup_logging
 
     try:
         if command == "demo":
@@ -84,10 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .app import _run_one  # noqa: PLC0415
-    from .demo.backend import DemoBackend  # noqa: PLC0415
-    from .logs import setup_logging  # noqa: PLC0415
-    from .transports import resolve_loop  # noqa: PLC0415
+    from .app import _run_one
+    from .demo.backend import DemoBackend
+    from .logs import setup_logging
+    from .transports import resolve_loop
 
     secret = args.jwt_secret or secrets.token_urlsafe(24)
     overrides = {"jwt_secret": secret, "upstream": f"ws://127.0.0.1:{args.backend_port}/ws/experience"}
@@ -101,7 +101,7 @@ def _demo(args: argparse.Namespace) -> int:
         await backend.start()
 
     loop_kind = resolve_loop(settings.loop)
-    from .transports import new_event_loop  # noqa: PLC0415
+    from .transports import new_event_loop
 
     loop = new_event_loop(loop_kind)
     asyncio.set_event_loop(loop)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ConfigError", "Option", "OPTIONS", "Settings", "add_arguments", "load_settings"]
+__all__ = ["OPTIONS", "ConfigError", "Option", "Settings", "add_arguments", "load_settings"]
 
 
 class ConfigError(Exception):

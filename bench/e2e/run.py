@@ -1,0 +1,1072 @@
+"""End-to-end benchmark: gaia-gateway vs nginx vs the old gateway vs direct.
+
+    python bench/e2e/run.py [--quick] [--reps N] [--targets a,b] [--json FILE] [--no-pin]
+
+Starts a picows echo backend (bench/e2e/echo_picows.py), the proxies under
+test, and runs the picows load generator (bench/e2e/loadgen.py, one process
+per measurement) against each target, alternating targets inside every
+repetition. Prints a markdown table on stdout; progress goes to stderr.
+
+Targets: direct (loadgen -> echo backend), gaia-uvloop, gaia-asyncio,
+nginx (if on PATH), old (bench/e2e/old_gateway.py: FastAPI + websockets).
+Unavailable targets are skipped with a note on stderr.
+
+Pinning (default): the proxy under test on CPU 0, echo backend + loadgen on
+CPU 1 (taskset). --no-pin runs everything unpinned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime as _dt
+import http.client
+import json
+import os
+import platform
+import secrets
+import select
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+ALL_TARGETS = ["direct", "gaia-uvloop", "gaia-asyncio", "nginx", "old"]
+WS_PATH = "/ws/experience"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+FULL = {
+    "reps": 3,
+    "tput_warmup": 0.5,
+    "tput_dur": 2.5,
+    "lat_warmup": 0.3,
+    "lat_dur": 2.0,
+    "conn_warmup": 0.3,
+    "conn_dur": 2.0,
+    "idle_conns": 5000,
+    "idle_reps": 1,
+}
+QUICK = {
+    "reps": 1,
+    "tput_warmup": 0.3,
+    "tput_dur": 1.5,
+    "lat_warmup": 0.3,
+    "lat_dur": 1.0,
+    "conn_warmup": 0.3,
+    "conn_dur": 1.0,
+    "idle_conns": 500,
+    "idle_reps": 1,
+}
+LAT_CONNS = 100  # "p99 at 100 connections"
+LAT_RATE = 20.0  # msgs/s per connection (a 20 Hz game tick), open loop
+CONNECT_CONCURRENCY = 4
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- processes
+
+_children: list[subprocess.Popen[bytes]] = []
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+# A tiny watchdog in its own session: if the harness dies without cleaning up
+# (even SIGKILL), its stdin closes and it kills the process groups still
+# registered (nginx workers included) and removes the temp dir.
+_REAPER_SRC = r"""
+import os, shutil, signal, sys
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)
+groups, tmp = set(), None
+for line in sys.stdin:
+    op, _, arg = line.strip().partition(" ")
+    if op == "+":
+        groups.add(int(arg))
+    elif op == "-":
+        groups.discard(int(arg))
+    elif op == "tmp":
+        tmp = arg
+for g in groups:
+    try:
+        os.killpg(g, signal.SIGKILL)
+    except OSError:
+        pass
+if tmp and groups:
+    shutil.rmtree(tmp, ignore_errors=True)
+"""
+_reaper: subprocess.Popen[bytes] | None = None
+
+
+def reaper(msg: str) -> None:
+    global _reaper
+    if _reaper is None:
+        _reaper = subprocess.Popen(
+            [sys.executable, "-c", _REAPER_SRC],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        assert _reaper.stdin is not None
+        _reaper.stdin.write(msg.encode() + b"\n")
+        _reaper.stdin.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def reaper_close() -> None:
+    if _reaper is not None and _reaper.stdin is not None:
+        try:
+            _reaper.stdin.close()
+            _reaper.wait(5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+
+def _child_setup() -> None:
+    # die with the harness even if it is SIGKILLed (PR_SET_PDEATHSIG = 1)
+    _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+def spawn(
+    cmd: list[str],
+    *,
+    cpu: int | None,
+    log_path: Path | None = None,
+    env: dict[str, str] | None = None,
+    capture: bool = False,
+) -> subprocess.Popen[bytes]:
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu), *cmd]
+    with contextlib.ExitStack() as stack:
+        out: Any = subprocess.DEVNULL
+        err: Any = subprocess.STDOUT
+        if capture:
+            out = err = subprocess.PIPE
+        elif log_path:
+            out = stack.enter_context(open(log_path, "wb"))
+        p = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_child_setup,  # noqa: PLW1509 (no threads here)
+        )
+    _children.append(p)
+    reaper(f"+ {p.pid}")
+    return p
+
+
+def stop(p: subprocess.Popen[bytes], grace: float = 3.0) -> None:
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    # the whole process group (nginx workers, stray children)
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        p.wait(2)
+    except subprocess.TimeoutExpired:
+        pass
+    if p in _children:
+        _children.remove(p)
+        reaper(f"- {p.pid}")
+
+
+def stop_all() -> None:
+    for p in list(reversed(_children)):
+        stop(p, grace=2.0)
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def proc_tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(x) for x in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(b")") + 2 :].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / CLK_TCK
+
+
+def wait_quiet(pids: list[int], limit: float = 5.0) -> None:
+    """Let the previous step's teardown finish: wait until the proxy is idle."""
+    end = time.monotonic() + limit
+    prev = cpu_seconds(pids)
+    while time.monotonic() < end:
+        time.sleep(0.2)
+        cur = cpu_seconds(pids)
+        if cur - prev <= 0.01:
+            return
+        prev = cur
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def http_ok(port: int, path: str = "/health") -> bool:
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        c.request("GET", path)
+        ok = c.getresponse().status == 200
+        c.close()
+        return ok
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+# ---------------------------------------------------------------- targets
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+master_process on;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+worker_rlimit_nofile {nofile};
+events {{ worker_connections {wconns}; multi_accept on; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy_temp;
+    fastcgi_temp_path {tmp}/fastcgi_temp;
+    uwsgi_temp_path {tmp}/uwsgi_temp;
+    scgi_temp_path {tmp}/scgi_temp;
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = /health {{ return 200 "ok\\n"; }}
+        location / {{
+            proxy_pass http://127.0.0.1:{backend};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_buffer_size 64k;
+            proxy_buffers 8 64k;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+        }}
+    }}
+}}
+"""
+
+
+class Target:
+    def __init__(self, name: str):
+        self.name = name
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.log_path: Path | None = None
+
+    @property
+    def is_direct(self) -> bool:
+        return self.name == "direct"
+
+
+def gaia_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in [str(ROOT / "src"), env.get("PYTHONPATH", "")] if p
+    )
+    return env
+
+
+def available(name: str) -> tuple[bool, str]:
+    if name == "direct":
+        return True, ""
+    if name.startswith("gaia-"):
+        r = subprocess.run(
+            [sys.executable, "-c", "import gaia_gateway.__main__"],
+            env=gaia_env(),
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["?"])[-1]
+            return False, f"gaia_gateway.__main__ not importable with PYTHONPATH=src ({last})"
+        if name == "gaia-uvloop":
+            r = subprocess.run(
+                [sys.executable, "-c", "import uvloop"], check=False, capture_output=True
+            )
+            if r.returncode != 0:
+                return False, "uvloop not installed"
+        return True, ""
+    if name == "nginx":
+        return (
+            (True, "")
+            if shutil.which("nginx")
+            else (False, "nginx not on PATH (apt-get install -y nginx)")
+        )
+    if name == "old":
+        r = subprocess.run(
+            [sys.executable, "-c", "import fastapi, uvicorn, websockets, jwt, uvloop"],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            return (
+                False,
+                "needs fastapi, uvicorn[standard], websockets, pyjwt (pip install -e '.[bench]')",
+            )
+        return True, ""
+    return False, "unknown target"
+
+
+def start_target(t: Target, ctx: dict[str, Any]) -> None:
+    if t.is_direct:
+        t.port = ctx["backend_port"]
+        return
+    t.port = free_port()
+    tmp: Path = ctx["tmp"]
+    t.log_path = tmp / f"{t.name}.log"
+    upstream = f"ws://127.0.0.1:{ctx['backend_port']}{WS_PATH}"
+    cpu = 0 if ctx["pin"] else None
+    env = None
+    if t.name.startswith("gaia-"):
+        loop = t.name.split("-", 1)[1]
+        cmd = [
+            sys.executable,
+            "-m",
+            "gaia_gateway",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(t.port),
+            "--upstream",
+            upstream,
+            "--jwt-secret",
+            ctx["secret"],
+            "--loop",
+            loop,
+            "--log-level",
+            "warning",
+        ]
+        env = gaia_env()
+    elif t.name == "nginx":
+        d = tmp / "nginx"
+        d.mkdir(exist_ok=True)
+        os.chmod(tmp, 0o755)
+        os.chmod(d, 0o777)  # workers may run as nobody
+        conf = d / "nginx.conf"
+        conf.write_text(
+            NGINX_CONF.format(
+                tmp=d,
+                port=t.port,
+                backend=ctx["backend_port"],
+                nofile=ctx["nofile"],
+                wconns=max(1024, ctx["nofile"] - 100),
+            )
+        )
+        cmd = [
+            shutil.which("nginx") or "nginx",
+            "-e",
+            str(d / "nginx-error.log"),
+            "-p",
+            str(d),
+            "-c",
+            str(conf),
+        ]
+    elif t.name == "old":
+        cmd = [
+            sys.executable,
+            str(HERE / "old_gateway.py"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(t.port),
+            "--upstream",
+            upstream,
+            "--jwt-secret",
+            ctx["secret"],
+        ]
+    else:
+        raise ValueError(t.name)
+    ctx["commands"][t.name] = shlex.join(cmd)
+    t.proc = spawn(cmd, cpu=cpu, log_path=t.log_path, env=env)
+    start = time.monotonic()
+    listening_since: float | None = None
+    while time.monotonic() - start < 30:
+        if t.proc.poll() is not None:
+            raise RuntimeError(f"{t.name} exited with {t.proc.returncode}: {tail(t.log_path)}")
+        if http_ok(t.port):
+            return
+        if listening_since is None and port_open(t.port):
+            listening_since = time.monotonic()
+        if listening_since is not None and time.monotonic() - listening_since > 5:
+            raise RuntimeError(
+                f"{t.name} listens but GET /health is not 200 after 5 s: {tail(t.log_path)}"
+            )
+        time.sleep(0.1)
+    raise RuntimeError(f"{t.name} not healthy after 30 s: {tail(t.log_path)}")
+
+
+def tail(p: Path | None, n: int = 400) -> str:
+    if not p or not p.exists():
+        return ""
+    return p.read_bytes()[-n:].decode(errors="replace").strip().replace("\n", " | ")
+
+
+def target_pids(t: Target, ctx: dict[str, Any]) -> list[int]:
+    if t.is_direct:
+        return proc_tree(ctx["backend"].pid)
+    assert t.proc is not None
+    return proc_tree(t.proc.pid)
+
+
+# ---------------------------------------------------------------- loadgen
+
+
+class LoadgenServer:
+    """One persistent loadgen process (pinned like the backend); restarted on failure."""
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self.p: subprocess.Popen[bytes] | None = None
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, str(HERE / "loadgen.py"), "serve"]
+        if self.pin:
+            cmd = ["taskset", "-c", "1", *cmd]
+        p = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            start_new_session=True,
+            preexec_fn=_child_setup,  # noqa: PLW1509 (no threads here)
+        )
+        _children.append(p)
+        reaper(f"+ {p.pid}")
+        return p
+
+    def run(self, argv: list[str], timeout: float) -> dict[str, Any]:
+        if self.p is None or self.p.poll() is not None:
+            self.p = self._start()
+        p = self.p
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.write(json.dumps(argv).encode() + b"\n")
+        p.stdin.flush()
+        r, _, _ = select.select([p.stdout], [], [], timeout)
+        if not r:
+            stop(p)
+            self.p = None
+            raise RuntimeError(f"loadgen {argv[0]} timed out after {timeout:.0f}s")
+        line = p.stdout.readline()
+        if not line:
+            stop(p)
+            self.p = None
+            raise RuntimeError(f"loadgen {argv[0]} died")
+        res: dict[str, Any] = json.loads(line)
+        if "error" in res:
+            raise RuntimeError(f"loadgen {argv[0]} failed: {res['error']}")
+        return res
+
+
+def loadgen(
+    ctx: dict[str, Any], t: Target, scenario: str, *extra: str, timeout: float = 120
+) -> dict[str, Any]:
+    url = f"ws://127.0.0.1:{t.port}{WS_PATH}"
+    argv = [
+        scenario,
+        "--url",
+        url,
+        "--jwt-secret",
+        ctx["secret"],
+        "--pids",
+        ",".join(map(str, target_pids(t, ctx))),
+        "--backend-pids",
+        ",".join(map(str, proc_tree(ctx["backend"].pid))),
+        *extra,
+    ]
+    return ctx["loadgen"].run(argv, timeout)
+
+
+def add_foreign_load(r: dict[str, Any], t: Target, pin: bool) -> None:
+    """CPU used by processes that are not ours during the window (noise)."""
+    busy = r.get("cpu_busy")
+    if not busy or "proxy_cpu_util" not in r:
+        return
+    proxy = 0.0 if t.is_direct else r["proxy_cpu_util"]
+    ours_cpu1 = r["backend_cpu_util"] + r["loadgen_cpu_util"]
+    if pin and "cpu0" in busy and "cpu1" in busy:
+        r["foreign_cpu"] = {
+            "cpu0": max(0.0, busy["cpu0"] - proxy),
+            "cpu1": max(0.0, busy["cpu1"] - ours_cpu1),
+        }
+    else:
+        r["foreign_cpu"] = {"all": max(0.0, sum(busy.values()) - proxy - ours_cpu1)}
+    r["steal_max"] = max(r.get("cpu_steal", {}).values(), default=0.0)
+
+
+def foreign_str(r: dict[str, Any]) -> str:
+    f = r.get("foreign_cpu")
+    if not f:
+        return ""
+    return "  other load " + " ".join(f"{k} {v * 100:.0f}%" for k, v in f.items())
+
+
+def scenarios(cfg: dict[str, Any]) -> list[tuple[str, str, list[str], float]]:
+    """(key, loadgen scenario, args, timeout)"""
+    tp = ["--warmup", str(cfg["tput_warmup"]), "--duration", str(cfg["tput_dur"])]
+    lt = ["--warmup", str(cfg["lat_warmup"]), "--duration", str(cfg["lat_dur"])]
+    cn = ["--warmup", str(cfg["conn_warmup"]), "--duration", str(cfg["conn_dur"])]
+    return [
+        (
+            "idle",
+            "idle",
+            ["--conns", str(cfg["idle_conns"]), "--concurrency", "64"],
+            60 + cfg["idle_conns"] * 0.05,
+        ),
+        ("connect", "connect", [*cn, "--concurrency", str(CONNECT_CONCURRENCY)], 60),
+        ("lat1", "latency", [*lt, "--conns", "1", "--size", "64"], 60),
+        (
+            "lat100",
+            "latency",
+            [*lt, "--conns", str(LAT_CONNS), "--rate", str(LAT_RATE), "--size", "64"],
+            60,
+        ),
+        ("tput64", "throughput", [*tp, "--conns", "100", "--inflight", "16", "--size", "64"], 60),
+        (
+            "tput16k",
+            "throughput",
+            [*tp, "--conns", "100", "--inflight", "4", "--size", "16384"],
+            60,
+        ),
+    ]
+
+
+# ---------------------------------------------------------------- report
+
+
+def med(xs: list[Any]) -> float | None:
+    vals = [x for x in xs if isinstance(x, (int, float))]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(x: float | None, nd: int = 1) -> str:
+    if x is None:
+        return "—"
+    if abs(x) >= 1000 and nd <= 1:
+        return f"{x:,.0f}"
+    return f"{x:,.{nd}f}"
+
+
+def pct(x: float | None) -> float | None:
+    return None if x is None else x * 100
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "—"
+    return f"{a / b:.2f}"
+
+
+def ratios(v: float | None, d: float | None, n: float | None) -> str:
+    return f"{ratio(v, d)} / {ratio(v, n)}"
+
+
+def summarize(
+    results: dict[str, dict[str, list[dict[str, Any]]]],
+) -> dict[str, dict[str, float | None]]:
+    summary: dict[str, dict[str, float | None]] = {}
+    for name, per in results.items():
+
+        def m(key: str, field: str, per: dict[str, list[dict[str, Any]]] = per) -> float | None:
+            return med([r.get(field) for r in per.get(key, []) if r and "error" not in r])
+
+        idle = [r for r in per.get("idle", []) if r and "error" not in r]
+        summary[name] = {
+            "cpu64": m("tput64", "cpu_us_per_msg"),
+            "msgs64": m("tput64", "msgs_per_s"),
+            "mb64": m("tput64", "mb_per_s"),
+            "util64": m("tput64", "proxy_cpu_util"),
+            "util16k": m("tput16k", "proxy_cpu_util"),
+            "cpu16k": m("tput16k", "cpu_us_per_msg"),
+            "msgs16k": m("tput16k", "msgs_per_s"),
+            "mb16k": m("tput16k", "mb_per_s"),
+            "p50": m("lat1", "p50"),
+            "p90": m("lat1", "p90"),
+            "p99": m("lat1", "p99"),
+            "p999": m("lat1", "p99.9"),
+            "p99_100": m("lat100", "p99"),
+            "p50_100": m("lat100", "p50"),
+            "hs": m("connect", "handshakes_per_s"),
+            "hs_cpu": m("connect", "cpu_ms_per_handshake"),
+            "kib_conn": m("idle", "kib_per_conn"),
+            "idle_answered": min((r["answered"] for r in idle), default=None),
+            "idle_conns": max((r["conns"] for r in idle), default=None),
+        }
+    return summary
+
+
+def render(summary: dict[str, dict[str, float | None]], targets: list[str]) -> str:
+    d = summary.get("direct", {})
+    n = summary.get("nginx", {})
+    cols = [
+        "target",
+        "CPU µs/msg 64B",
+        "×direct / ×nginx",
+        "msg/s 64B",
+        "CPU µs/msg 16K",
+        "×direct / ×nginx",
+        "msg/s 16K",
+        "MB/s 16K",
+        "thr 16K ×direct / ×nginx",
+        "proxy CPU % 64B / 16K",
+        "p50 µs",
+        "p90 µs",
+        "p99 µs",
+        "p99.9 µs",
+        "added p50 µs",
+        "p99 µs @100c",
+        "handshakes/s",
+        "CPU ms/handshake",
+        "×direct / ×nginx",
+        "KiB RSS/conn",
+        "×direct / ×nginx",
+        "idle echo ok",
+    ]
+    lines = [
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|",
+    ]
+    for name in targets:
+        s = summary.get(name)
+        if s is None:
+            continue
+        added = (
+            s["p50"] - d["p50"] if s.get("p50") is not None and d.get("p50") is not None else None
+        )
+        idle_ok = (
+            f"{s['idle_answered']}/{s['idle_conns']}" if s.get("idle_conns") is not None else "—"
+        )
+        row = [
+            name,
+            fmt(s["cpu64"], 2),
+            ratios(s["cpu64"], d.get("cpu64"), n.get("cpu64")),
+            fmt(s["msgs64"], 0),
+            fmt(s["cpu16k"], 2),
+            ratios(s["cpu16k"], d.get("cpu16k"), n.get("cpu16k")),
+            fmt(s["msgs16k"], 0),
+            fmt(s["mb16k"], 0),
+            ratios(s["mb16k"], d.get("mb16k"), n.get("mb16k")),
+            f"{fmt(pct(s['util64']), 0)} / {fmt(pct(s['util16k']), 0)}",
+            fmt(s["p50"]),
+            fmt(s["p90"]),
+            fmt(s["p99"]),
+            fmt(s["p999"]),
+            fmt(added),
+            fmt(s["p99_100"]),
+            fmt(s["hs"], 0),
+            fmt(s["hs_cpu"], 3),
+            ratios(s["hs_cpu"], d.get("hs_cpu"), n.get("hs_cpu")),
+            fmt(s["kib_conn"], 1),
+            ratios(s["kib_conn"], d.get("kib_conn"), n.get("kib_conn")),
+            idle_ok,
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, str]:
+    model = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+
+    def ver(mod: str) -> str:
+        r = subprocess.run(
+            [sys.executable, "-c", f"import importlib.metadata as m; print(m.version('{mod}'))"],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        return r.stdout.strip() or "-"
+
+    nginx_v = "-"
+    if shutil.which("nginx"):
+        r = subprocess.run(["nginx", "-v"], check=False, capture_output=True, text=True)
+        nginx_v = (r.stderr or r.stdout).strip().split("/")[-1]
+    git = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "src"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        "git": (git.stdout.strip() or "?") + (" (src/ modified)" if dirty.stdout.strip() else ""),
+        "versions": f"picows {ver('picows')}, uvloop {ver('uvloop')}, nginx {nginx_v}, uvicorn {ver('uvicorn')}, "
+        f"fastapi {ver('fastapi')}, websockets {ver('websockets')}",
+    }
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> int:
+    t_start = time.monotonic()
+    ap = argparse.ArgumentParser(
+        description="end-to-end WebSocket proxy benchmark",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="short run (~1-2 min): 1 rep, 500 idle conns"
+    )
+    ap.add_argument(
+        "--reps", type=int, help="repetitions (default 3, quick 1); medians are reported"
+    )
+    ap.add_argument(
+        "--targets", default=",".join(ALL_TARGETS), help=f"comma list from {','.join(ALL_TARGETS)}"
+    )
+    ap.add_argument("--json", metavar="FILE", help="save raw per-rep results as JSON")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin processes with taskset")
+    ap.add_argument(
+        "--idle-conns", type=int, help="idle connections held (default 5000, quick 500)"
+    )
+    args = ap.parse_args()
+
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.reps:
+        cfg["reps"] = args.reps
+    if args.idle_conns:
+        cfg["idle_conns"] = args.idle_conns
+    wanted = [x.strip() for x in args.targets.split(",") if x.strip()]
+    bad = [x for x in wanted if x not in ALL_TARGETS]
+    if bad:
+        ap.error(f"unknown target(s): {', '.join(bad)}")
+    wanted = [x for x in ALL_TARGETS if x in wanted]  # canonical order
+
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    nofile = hard
+    # proxies hold 2 fds per idle connection
+    if 2 * cfg["idle_conns"] + 200 > nofile:
+        cfg["idle_conns"] = (nofile - 200) // 2
+        log(f"fd limit {nofile}: idle connections lowered to {cfg['idle_conns']}")
+
+    pin = not args.no_pin
+    if pin and (not shutil.which("taskset") or (os.cpu_count() or 1) < 2):
+        log("taskset missing or fewer than 2 CPUs: running unpinned")
+        pin = False
+
+    targets: list[str] = []
+    for name in wanted:
+        ok, why = available(name)
+        if ok:
+            targets.append(name)
+        else:
+            log(f"SKIP target {name}: {why}")
+    if not targets:
+        log("no target available")
+        return 2
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    info = machine_info()
+    command = "python bench/e2e/run.py" + (
+        "" if len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:])
+    )
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {t: {} for t in targets}
+    ctx: dict[str, Any] = {
+        "secret": secrets.token_hex(32),
+        "pin": pin,
+        "nofile": nofile,
+        "commands": {},
+        "loadgen": LoadgenServer(pin),
+    }
+    scen = scenarios(cfg)
+    log(
+        f"targets: {', '.join(targets)}; reps {cfg['reps']}; "
+        f"{'pinned: proxy CPU 0, backend+loadgen CPU 1' if pin else 'unpinned'}"
+    )
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="gaia-e2e-") as tmpd:
+            ctx["tmp"] = Path(tmpd)
+            reaper(f"tmp {tmpd}")
+            ctx["backend_port"] = free_port()
+            backend_cmd = [
+                sys.executable,
+                str(HERE / "echo_picows.py"),
+                "--port",
+                str(ctx["backend_port"]),
+            ]
+            ctx["commands"]["backend"] = shlex.join(backend_cmd)
+            ctx["backend"] = spawn(
+                backend_cmd, cpu=1 if pin else None, log_path=ctx["tmp"] / "backend.log"
+            )
+            deadline = time.monotonic() + 15
+            while not (ctx["tmp"] / "backend.log").read_text().startswith("READY"):
+                if ctx["backend"].poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"echo backend failed: {tail(ctx['tmp'] / 'backend.log')}")
+                time.sleep(0.05)
+            log(f"echo backend on :{ctx['backend_port']} (pid {ctx['backend'].pid})")
+
+            for rep in range(cfg["reps"]):
+                k = rep % len(targets)
+                order = targets[k:] + targets[:k]  # rotate so no target always goes first
+                log(f"=== rep {rep + 1}/{cfg['reps']}: order {', '.join(order)}")
+                live: dict[str, Target] = {}
+                for name in order:
+                    t = Target(name)
+                    try:
+                        start_target(t, ctx)
+                        loadgen(ctx, t, "probe", "--count", "200")  # warm-up + sanity
+                        live[name] = t
+                        log(f"{name} up on :{t.port}" + (f" (pid {t.proc.pid})" if t.proc else ""))
+                    except Exception as e:  # noqa: BLE001
+                        log(f"ERROR starting {name}: {e}")
+                        if t.proc:
+                            stop(t.proc)
+                        results[name].setdefault("start", []).append({"error": str(e)})
+                for key, sc, extra, timeout in scen:
+                    if key == "idle" and rep >= cfg["idle_reps"]:
+                        continue
+                    for name in order:
+                        t = live.get(name)
+                        if t is None:
+                            continue
+                        if t.proc is not None and t.proc.poll() is not None:
+                            log(
+                                f"ERROR {name} exited ({t.proc.returncode}), skipping the rest of rep "
+                                f"{rep + 1}: {tail(t.log_path)}"
+                            )
+                            results[name].setdefault("died", []).append(
+                                {"error": f"exited with {t.proc.returncode} during rep {rep + 1}"}
+                            )
+                            del live[name]
+                            continue
+                        wait_quiet(target_pids(t, ctx))
+                        t0 = time.monotonic()
+                        try:
+                            r = loadgen(ctx, t, sc, *extra, timeout=timeout)
+                        except Exception as e:  # noqa: BLE001
+                            r = {"error": str(e)}
+                            log(f"ERROR {name} {key}: {e}")
+                        add_foreign_load(r, t, pin)
+                        results[name].setdefault(key, []).append(r)
+                        log(
+                            f"rep {rep + 1} {key:8s} {name:13s} {brief(key, r)}  "
+                            f"({time.monotonic() - t0:.1f}s){foreign_str(r)}"
+                        )
+                for t in live.values():
+                    if t.proc:
+                        if t.proc.poll() is not None:
+                            log(f"WARNING {t.name} died during rep {rep + 1}: {tail(t.log_path)}")
+                        stop(t.proc)
+            stop_all()
+    except KeyboardInterrupt:
+        log("interrupted: stopping children")
+        stop_all()
+        return 130
+    finally:
+        stop_all()
+        reaper_close()
+
+    elapsed = time.monotonic() - t_start
+    summary = summarize(results)
+    print(report(info, command, cfg, pin, targets, summary, results, elapsed))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "command": command,
+                    "config": cfg,
+                    "pinned": pin,
+                    "targets": targets,
+                    "commands": ctx["commands"],
+                    "summary": summary,
+                    "results": results,
+                    "elapsed_s": elapsed,
+                },
+                indent=2,
+            )
+        )
+        log(f"raw results saved to {args.json}")
+    log(f"done in {elapsed:.0f}s")
+    return 0
+
+
+def brief(key: str, r: dict[str, Any]) -> str:
+    if "error" in r:
+        return "ERROR"
+    if key.startswith("tput"):
+        return (
+            f"{r['msgs_per_s']:,.0f} msg/s {r['mb_per_s']:.1f} MB/s cpu {r['proxy_cpu_util'] * 100:.0f}% "
+            f"{fmt(r['cpu_us_per_msg'], 2)} µs/msg"
+        )
+    if key.startswith("lat"):
+        return f"p50 {r.get('p50', 0):.0f} p99 {r.get('p99', 0):.0f} µs ({r.get('samples', 0)} samples)"
+    if key == "connect":
+        return f"{r['handshakes_per_s']:.0f}/s {fmt(r['cpu_ms_per_handshake'], 3)} ms cpu/hs, {r['errors']} errors"
+    if key == "idle":
+        return (
+            f"{fmt(r['kib_per_conn'])} KiB/conn, answered {r['answered']}/{r['conns']}, "
+            f"opened in {r['open_s']:.1f}s"
+        )
+    return ""
+
+
+def report(
+    info: dict[str, str],
+    command: str,
+    cfg: dict[str, Any],
+    pin: bool,
+    targets: list[str],
+    summary: dict[str, dict[str, float | None]],
+    results: dict[str, Any],
+    elapsed: float,
+) -> str:
+    out = [
+        "## gaia-gateway end-to-end benchmark",
+        "",
+        f"- command: `{command}`",
+        (
+            f"- machine: {info['nproc']} CPUs, {info['cpu']}, Linux {info['kernel']}, "
+            f"Python {info['python']}, {info['date']}"
+        ),
+        f"- code: git {info['git']}; {info['versions']}",
+        f"- load average at start: {info['loadavg']} (other work on the machine adds noise)",
+        "- pinning: "
+        + (
+            "proxy under test on CPU 0, echo backend + loadgen on CPU 1 (taskset)"
+            if pin
+            else "none (--no-pin)"
+        ),
+        (
+            f"- reps: {cfg['reps']} (medians; targets alternate within each rep, order rotated "
+            f"per rep); idle test {cfg['idle_reps']} rep"
+        ),
+        "",
+        render(summary, targets),
+        "",
+        (
+            "Columns. CPU µs/msg: proxy utime+stime (/proc/PID/stat, whole process tree) per echoed message "
+            "(one round trip = 2 frames through the proxy), closed loop 100 conns × 16 in flight (64 B) / "
+            f"100 × 4 (16 KiB), {cfg['tput_dur']:g} s after {cfg['tput_warmup']:g} s warm-up; MB/s = echoed "
+            "payload bytes one way; proxy CPU % = share of one core the proxy used meanwhile (well "
+            "under 100: the proxy was not the bottleneck, CPU 1 with loadgen+backend or other load "
+            'was). For `direct` the "proxy" is the picows echo server itself, so ×direct '
+            "compares with the cost of one picows endpoint. Latency: 1 conn ping-pong 64 B "
+            f"({cfg['lat_dur']:g} s); added p50 = target p50 − direct p50; p99 @100c: {LAT_CONNS} conns × "
+            f"{LAT_RATE:g} msg/s each, open loop (send-timestamped, no coordinated omission). Handshakes: "
+            f"{CONNECT_CONCURRENCY} concurrent clients, each a fresh JWT, upgrade + 1 echo + close; CPU ms per "
+            f"handshake of the proxy. Idle: {cfg['idle_conns']} idle conns, ΔVmRSS of the proxy (tree) / "
+            "conns, then one echo on each. Ratios: value ÷ direct's / ÷ nginx's."
+        ),
+    ]
+    fl: dict[str, list[float]] = {}
+    for name in targets:
+        for rs in results[name].values():
+            for r in rs:
+                for k, v in (r or {}).get("foreign_cpu", {}).items():
+                    fl.setdefault(k, []).append(v)
+    if fl:
+        parts = [
+            f"{k}: median {statistics.median(v) * 100:.0f}%, max {max(v) * 100:.0f}%"
+            for k, v in sorted(fl.items())
+        ]
+        noisy = max(max(v) for v in fl.values()) > 0.10
+        out.insert(
+            out.index(render(summary, targets)) - 1,
+            "- CPU used by other processes during the measurement windows: "
+            + "; ".join(parts)
+            + (
+                " — **noisy machine: latency/throughput figures are unreliable, CPU/msg less so**"
+                if noisy
+                else ""
+            ),
+        )
+    errs = []
+    for name in targets:
+        for key, rs in results[name].items():
+            for i, r in enumerate(rs):
+                if r and "error" in r:
+                    errs.append(f"- {name} {key} (rep {i + 1}): {r['error']}")
+                for fld in ("disconnects", "errors"):
+                    if r and r.get(fld):
+                        errs.append(f"- {name} {key} (rep {i + 1}): {r[fld]} {fld}")
+    if errs:
+        out += ["", "Problems:", *errs]
+    out += ["", f"_Run time {elapsed:.0f} s._"]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
