@@ -69,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser = _demo_parser() if command == "demo" else _parser()
     args = parser.parse_args(args_list)
+    # Imported here, after parsing, so that --help and bad flags answer fast.
     from .app import run
     from .logs import setup_logging
 
