@@ -193,6 +193,13 @@ class FrameRelay:
         self._inject = frame
         return b""
 
+    def mute(self) -> None:
+        """Forward nothing more (the receiving side was closed) but keep watching for the
+        sender's close frame; a close still waiting to be injected is dropped."""
+        self._inject = None
+        if not self.stopped:
+            self.stopped = self._watch = True
+
     def stop(self) -> None:
         """Forward and watch nothing more on this direction."""
         self.stopped = True

@@ -528,7 +528,7 @@ class Session:
         origins = gw.allowed_origins
         if origins is not None:
             origin = _header(headers, b"origin")
-            if origin and origin[0].decode("latin-1") not in origins:
+            if any(o.decode("latin-1") not in origins for o in origin):  # every copy
                 return self._reject(403, "origin not allowed", now)
         self._upgrade = upgrade
         self._upstream = upstream
@@ -726,6 +726,12 @@ class Session:
         ):
             self._up_closed = True
             actions.append(CloseUpstream())
+        # Nothing may be relayed to a side once it is closed (the transport half-closed it:
+        # a write after write_eof raises), even the rest of a frame in flight.
+        if self._client_closed and self.u2c is not None:
+            self.u2c.mute()
+        if self._up_closed and self.c2u is not None:
+            self.c2u.mute()
         if self._client_closed and self._up_closed:
             self.state = State.CLOSED
             self.ended = now
