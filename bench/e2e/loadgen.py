@@ -11,7 +11,9 @@ Scenarios:
   latency     --conns N, each ping-pong (1 in flight), or with --rate R an
               open-loop schedule of R msgs/s per connection; percentiles in us
   connect     --concurrency C workers: fresh JWT, handshake, 1 echo, close
-  idle        open --conns M idle connections, RSS before/after, echo check
+  idle        open --conns M idle connections, RSS before/after, hold them
+              --hold H seconds sampling RSS every --sample S seconds, then
+              one echo on every connection
 
 Every connection carries a fresh HS256 JWT in ?token= (sub, aud, iat, exp).
 
@@ -29,7 +31,9 @@ import os
 import resource
 import sys
 import time
+import traceback
 import uuid
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -340,7 +344,14 @@ async def open_many(
         async with sem:
             lst = factory()
             try:
-                transports[i] = await open_conn(a, lst)
+                t = await open_conn(a, lst)
+                if lst.transport is None or t.is_disconnected:
+                    # picows returns a disconnected transport when the peer closes the
+                    # socket before answering the upgrade (nginx does when it drains
+                    # connections waiting for a request)
+                    close_conn(t)
+                    raise ConnectionError("closed by the peer during the handshake")
+                transports[i] = t
                 listeners[i] = lst
             except Exception as e:  # noqa: BLE001
                 errors.append(repr(e))
@@ -511,6 +522,10 @@ async def sc_connect(a: Args, o: argparse.Namespace) -> dict[str, Any]:
 
 
 async def sc_idle(a: Args, o: argparse.Namespace) -> dict[str, Any]:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if o.conns + 64 > soft:
+        # one socket per connection here; the proxy holds two (client + upstream)
+        raise RuntimeError(f"{o.conns} connections need more than this process' {soft} fds")
     rss0 = rss_kib(a.pids)
     brss0 = rss_kib(a.backend_pids)
     t0 = time.perf_counter()
@@ -520,35 +535,78 @@ async def sc_idle(a: Args, o: argparse.Namespace) -> dict[str, Any]:
     rss1 = rss_kib(a.pids)
     brss1 = rss_kib(a.backend_pids)
     opened = len(ts)
-    log(f"opened {opened}/{o.conns} in {open_s:.1f}s; RSS {rss0} -> {rss1} KiB; echo check")
+    log(f"opened {opened}/{o.conns} in {open_s:.1f}s; RSS {rss0} -> {rss1} KiB")
+
+    # hold: nothing is sent; sample the proxy's RSS (and CPU) meanwhile
+    samples: list[tuple[float, int]] = [(0.0, rss1)]
+    hold_cpu: dict[str, Any] = {}
+    if o.hold > 0:
+        win = Window(a)
+        h0 = time.perf_counter()
+        while (el := time.perf_counter() - h0) < o.hold:
+            await asyncio.sleep(min(o.sample, o.hold - el))
+            samples.append((round(time.perf_counter() - h0, 1), rss_kib(a.pids)))
+        hold_cpu = win.end()
+        log(f"held {opened} for {o.hold:g}s; RSS samples (s, KiB): {samples}")
+    rss2 = samples[-1][1]
+    brss2 = rss_kib(a.backend_pids)
+    dropped = sum(1 for l in ls if l.disconnected)
 
     payload = b"i" * 64
     sem = asyncio.Semaphore(256)
 
+    failures: dict[str, int] = {}
+
     async def check(lst: EchoOnce) -> bool:
         async with sem:
             try:
-                return await lst.echo(payload, timeout=30)
-            except Exception:  # noqa: BLE001
-                return False
+                if await lst.echo(payload, timeout=30):
+                    return True
+                why = "wrong payload"
+            except Exception as e:  # noqa: BLE001
+                tb = traceback.extract_tb(e.__traceback__)
+                where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+                why = f"{type(e).__name__}: {e}"[:120] + where
+            failures[why] = failures.get(why, 0) + 1
+            return False
 
+    c0 = time.perf_counter()
     oks = await asyncio.gather(*(check(l) for l in ls))
+    check_s = time.perf_counter() - c0
     answered = sum(1 for x in oks if x)
+    log(
+        f"echo check: {answered}/{o.conns} answered in {check_s:.1f}s"
+        + (f"; failures: {failures}" if failures else "")
+    )
     for i, t in enumerate(ts):
         close_conn(t)
         if i % 500 == 499:
             await asyncio.sleep(0)
     await asyncio.sleep(0.5)
+    per = (lambda r: (r - rss0) / opened) if opened else (lambda r: None)
     return {
         "conns": o.conns,
         "opened": opened,
         "answered": answered,
+        "dropped_during_hold": dropped,
+        "echo_failures": failures,
         "open_s": open_s,
         "opens_per_s": opened / open_s if open_s else None,
+        "hold_s": o.hold,
+        "check_s": check_s,
         "rss_before_kib": rss0,
         "rss_after_kib": rss1,
-        "kib_per_conn": (rss1 - rss0) / opened if opened else None,
-        "backend_kib_per_conn": (brss1 - brss0) / opened if opened else None,
+        "rss_end_hold_kib": rss2,
+        "rss_max_hold_kib": max(r for _, r in samples),
+        "rss_samples": samples,
+        # ΔRSS per connection: at the end of the hold (= after opening if no hold)
+        "kib_per_conn": per(rss2),
+        "kib_per_conn_open": per(rss1),
+        "kib_per_conn_max": per(max(r for _, r in samples)),
+        "total_kib_per_conn": rss2 / opened if opened else None,
+        "backend_kib_per_conn": (brss2 - brss0) / opened if opened else None,
+        "backend_kib_per_conn_open": (brss1 - brss0) / opened if opened else None,
+        "hold_proxy_cpu_util": hold_cpu.get("proxy_cpu_util"),
     }
 
 
@@ -580,6 +638,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=float, default=0.5)
     ap.add_argument("--duration", type=float, default=3.0)
     ap.add_argument("--settle", type=float, default=1.0)
+    ap.add_argument("--hold", type=float, default=0.0, help="idle: seconds to hold the connections")
+    ap.add_argument(
+        "--sample", type=float, default=5.0, help="idle: RSS sampling period during --hold"
+    )
     ap.add_argument(
         "--rate",
         type=float,
@@ -614,7 +676,6 @@ def main() -> None:
         # Persistent mode for the harness: one JSON argv list per stdin line,
         # one JSON result per stdout line; each scenario gets a fresh loop.
         import gc
-        import traceback
 
         for line in sys.stdin:
             if not line.strip():
