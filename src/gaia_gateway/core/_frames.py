@@ -269,6 +269,21 @@ class FrameRelay:
         """Walk the frame headers from ``pos``; return how far the bytes may be forwarded."""
         n = len(data)
         expect_mask = self._expect_mask
+        # Small final text/binary frames back to back (a batch of game messages in one read)
+        # take this loop: FIN set, RSV clear, the right mask bit, under 126 bytes.
+        small = 6 if expect_mask else 2
+        if self._max_message >= 125:
+            count = 0
+            while not self._in_message and pos + 1 < n:
+                b0 = data[pos]
+                if b0 != 0x81 and b0 != 0x82:
+                    break
+                b1 = data[pos + 1]
+                if b1 & 0x80 != expect_mask or b1 & 0x7F > 125:
+                    break
+                pos += small + (b1 & 0x7F)
+                count += 1
+            self.messages += count
         while pos < n:
             left = n - pos
             if left < 2:
