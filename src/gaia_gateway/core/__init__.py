@@ -11,7 +11,7 @@ from ._actions import (
     SendToClient,
     SendToUpstream,
 )
-from ._auth import AuthConfig, AuthFailure, Authenticator, Identity, JwksCache, NeedKeys
+from ._auth import AuthConfig, Authenticator, AuthFailure, Identity, JwksCache, NeedKeys
 from ._frames import CloseFrame, FrameRelay, Violation, build_close, parse_close_payload
 from ._http import Upstream, parse_upstream_url
 from ._limits import Limits

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from ._http import Upstream
 
 __all__ = [
-    "Action",
     "Accepted",
+    "Action",
     "CloseClient",
     "CloseUpstream",
     "ConnectUpstream",

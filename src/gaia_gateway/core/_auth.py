@@ -20,19 +20,19 @@ import base64
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import jwt
 from jwt.algorithms import has_crypto
 
 __all__ = [
+    "MAX_TOKEN_BYTES",
     "AuthConfig",
     "AuthFailure",
     "Authenticator",
     "Identity",
     "JwksCache",
     "NeedKeys",
-    "MAX_TOKEN_BYTES",
 ]
 
 # Supabase access tokens are about 1 KB; 16 KB leaves room for fat custom claims while a
@@ -132,13 +132,13 @@ class Authenticator:
         self._public_key: Any = None
         if public_key is not None:
             # Parse once at start-up: a bad PEM fails the configuration, not a handshake.
-            from jwt.algorithms import RSAAlgorithm  # noqa: PLC0415 - optional crypto path
+            from jwt.algorithms import RSAAlgorithm
 
             try:
                 self._public_key = RSAAlgorithm(RSAAlgorithm.SHA256).prepare_key(public_key)
             except Exception:  # noqa: BLE001 - try the other key families
                 try:
-                    from jwt.algorithms import ECAlgorithm  # noqa: PLC0415
+                    from jwt.algorithms import ECAlgorithm
 
                     self._public_key = ECAlgorithm(ECAlgorithm.SHA256).prepare_key(public_key)
                 except Exception as exc:  # noqa: BLE001
@@ -248,7 +248,7 @@ def _peek_header(token: str) -> dict[str, Any] | None:
     return header if isinstance(header, dict) else None
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

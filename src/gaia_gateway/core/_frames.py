@@ -32,17 +32,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_INTERNAL_ERROR",
+    "CLOSE_INVALID_DATA",
+    "CLOSE_MESSAGE_TOO_BIG",
+    "CLOSE_NORMAL",
+    "CLOSE_PROTOCOL_ERROR",
     "CloseFrame",
     "FrameRelay",
     "Violation",
     "build_close",
     "parse_close_payload",
-    "CLOSE_PROTOCOL_ERROR",
-    "CLOSE_GOING_AWAY",
-    "CLOSE_INTERNAL_ERROR",
-    "CLOSE_MESSAGE_TOO_BIG",
-    "CLOSE_INVALID_DATA",
-    "CLOSE_NORMAL",
 ]
 
 CLOSE_NORMAL = 1000
@@ -131,20 +131,20 @@ class FrameRelay:
     """
 
     __slots__ = (
-        "_remaining",
+        "_expect_mask",
         "_held",
         "_in_message",
-        "_message_size",
-        "_expect_mask",
-        "_max_message",
-        "_rsv_first",
-        "_rsv_cont",
         "_inject",
+        "_max_message",
+        "_message_size",
+        "_remaining",
+        "_rsv_cont",
+        "_rsv_first",
         "_watch",
+        "bytes",
+        "messages",
         "signal",
         "stopped",
-        "messages",
-        "bytes",
     )
 
     def __init__(

@@ -152,7 +152,7 @@ class UpstreamRequest:
         if extensions:
             lines.append(b"Sec-WebSocket-Extensions: " + extensions.encode("latin-1"))
         for name, value in identity_headers:
-            lines.append(f"{name}: {_CONTROL.sub('?', value)}".encode("utf-8"))
+            lines.append(f"{name}: {_CONTROL.sub('?', value)}".encode())
         lines.extend(
             name + b": " + value
             for name, value in client_headers

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import h11
 from wsproto.utilities import generate_accept_token, split_comma_header
 
-__all__ = ["UpgradeRequest", "UpgradeRefused", "check_upgrade", "switching_protocols"]
+__all__ = ["UpgradeRefused", "UpgradeRequest", "check_upgrade", "switching_protocols"]
 
 
 @dataclass(frozen=True, slots=True)

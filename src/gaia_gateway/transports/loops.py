@@ -17,7 +17,7 @@ def resolve_loop(kind: str) -> str:
     """``auto`` means uvloop where it is installed, else asyncio."""
     if kind == "auto":
         try:
-            import uvloop  # noqa: F401, PLC0415
+            import uvloop  # noqa: F401
         except ImportError:
             return "asyncio"
         return "uvloop"
@@ -30,7 +30,7 @@ def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
     kind = resolve_loop(kind)
     if kind == "uvloop":
         try:
-            import uvloop  # noqa: PLC0415
+            import uvloop
         except ImportError:
             raise ValueError("--loop uvloop needs the uvloop package (pip install uvloop)") from None
         return uvloop.new_event_loop()

@@ -13,7 +13,6 @@ stays blocked for ``send_timeout`` is dropped and its upstream gets 1001.
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
 import time
 import uuid
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ClientProtocol", "UpstreamProtocol"]
 
-log = logging.getLogger("gaia_gateway.access")
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -64,7 +62,8 @@ class ClientProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         server = self.server
         limits = server.gateway.limits
-        transport.set_write_buffer_limits(limits.write_buffer_high, limits.write_buffer_low)
+        transport.set_write_buffer_limits(  # type: ignore[attr-defined]
+            limits.write_buffer_high, limits.write_buffer_low)
         peer = transport.get_extra_info("peername")
         addr = peer[0] if isinstance(peer, tuple) else str(peer or "unknown")
         server.gateway.open_connections += 1
@@ -272,7 +271,8 @@ class UpstreamProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         limits = self.client.server.gateway.limits
-        transport.set_write_buffer_limits(limits.write_buffer_high, limits.write_buffer_low)
+        transport.set_write_buffer_limits(  # type: ignore[attr-defined]
+            limits.write_buffer_high, limits.write_buffer_low)
 
     def data_received(self, data: bytes) -> None:
         relay = self.u2c
