@@ -198,10 +198,8 @@ SMUGGLING = [
     ("cl-plus-sign", [("Content-Length", "+5")], b"hello"),
     ("huge-cl", [("Content-Length", "99999999999999999999999")], b""),
     ("big-cl", [("Content-Length", str(2**62))], b""),
-    # Content-Length: 0 twice is one empty body (RFC 9112 6.3 lets a recipient merge identical
-    # values; h11 does): no body, nothing to smuggle. The upgrade proceeds and the pipelined
-    # bytes are websocket bytes to the gateway, never a second HTTP request ('G' = 0x47 is
-    # reserved opcode 7: 1002).
+    # Content-Length: 0 twice: h11 merges identical values (RFC 9112 6.3 allows it), but a
+    # duplicate on an upgrade request is refused all the same.
     ("dup-cl-zero", [("Content-Length", "0"), ("Content-Length", "0")], b""),
 ]
 
@@ -214,17 +212,9 @@ def test_case_03_smuggling_shapes(harden: Callable[..., Guard], echo: CountingEc
     tok = g.secret(token())
     raw = exchange(g.port, upgrade_request(target(tok), headers=headers) + body + SECOND)
     responses, rest = parse_responses(raw)
-    if attack == "dup-cl-zero":
-        assert [r.status for r in responses] == [101]
-        frames, _ = parse_frames(rest)
-        assert [(b0 & 0x0F, payload[:2]) for b0, _, payload in frames] == [(0x8, b"\x03\xea")]
-        assert b"HTTP/1.1" not in rest
-        rec = echo.wait_record()
-        assert rec.closed.wait(3) and rec.messages == []
-    else:
-        assert [r.status for r in responses] == [400], raw[:400]  # /health: never parsed
-        assert rest == b"", rest[:200]
-        assert echo.contacted == 0
+    assert [r.status for r in responses] == [400], raw[:400]  # /health: never parsed
+    assert rest == b"", rest[:200]
+    assert echo.contacted == 0
     g.check(main_route=True)
 
 

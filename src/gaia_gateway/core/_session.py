@@ -148,6 +148,7 @@ class Session:
         self._random = random
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
         self._saw_newline = False
+        self._raw_head = b""  # the request as received, until it is routed
         self._early = b""  # client bytes received before the relay runs
         self._upgrade: UpgradeRequest | None = None
         self._upstream: Upstream | None = None
@@ -458,6 +459,7 @@ class Session:
 
     def _read_request(self, data: bytes, now: float) -> list[Action]:
         conn = self._h11
+        self._raw_head += data  # bounded: h11 refuses a head over max_header_bytes
         if b"\n" in data:
             self._saw_newline = True
         try:
@@ -512,7 +514,11 @@ class Session:
                                 [("Upgrade", "websocket"), ("Connection", "Upgrade"),
                                  ("Sec-WebSocket-Version", "13")])
         lengths = _header(headers, b"content-length")
-        if len(lengths) > 1 or _header(headers, b"transfer-encoding") or any(
+        # h11 merges identical Content-Length copies (RFC 9112 allows it); a duplicate on an
+        # upgrade request is a smuggling probe all the same, so count the raw lines.
+        repeated = self._raw_head.lower().count(b"\ncontent-length:") > 1
+        self._raw_head = b""
+        if repeated or len(lengths) > 1 or _header(headers, b"transfer-encoding") or any(
             v.strip() != b"0" for v in lengths
         ):
             return self._reject(400, "an upgrade request must not have a body", now)
