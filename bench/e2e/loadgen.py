@@ -250,21 +250,28 @@ def masked_frame(payload: bytes, mask: bytes) -> bytes:
 
 class ThroughputListener(BaseListener):
     """Closed loop: one new message per echoed one. The frame is masked once
-    (random key per connection) and the replies to all frames parsed from one
-    read go out in one write(), so the loadgen spends little CPU per message."""
+    (random key per connection). With ``coalesce`` the replies to all frames parsed
+    from one read go out in one write(), so the loadgen spends little CPU per message
+    and the proxy reads many frames per syscall; without it every message is its own
+    write(), as a game client's send() is."""
 
-    def __init__(self, st: Stats, payload: bytes) -> None:
+    def __init__(self, st: Stats, payload: bytes, coalesce: bool = True) -> None:
         self.st = st
         self.frame = masked_frame(payload, os.urandom(4))
         self.pending = 0
         self.write: Any = None
+        self.coalesce = coalesce
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
         self.write = transport.underlying_transport.write
 
     def send_many(self, n: int) -> None:
-        self.write(self.frame * n)
+        if self.coalesce:
+            self.write(self.frame * n)
+        else:
+            for _ in range(n):
+                self.write(self.frame)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type is CLOSE:
@@ -273,6 +280,9 @@ class ThroughputListener(BaseListener):
         st.bytes += frame.payload_size
         if frame.fin:
             st.msgs += 1
+            if not self.coalesce:
+                self.write(self.frame)
+                return
             self.pending += 1
         if frame.last_in_buffer and self.pending:
             self.write(self.frame * self.pending)
@@ -370,7 +380,8 @@ async def open_many(
 async def sc_throughput(a: Args, o: argparse.Namespace) -> dict[str, Any]:
     st = Stats()
     payload = os.urandom(o.size)
-    ts, ls = await open_many(a, o.conns, lambda: ThroughputListener(st, payload))
+    coalesce = not o.write_per_msg
+    ts, ls = await open_many(a, o.conns, lambda: ThroughputListener(st, payload, coalesce))
     if len(ts) < o.conns:
         raise RuntimeError(f"only {len(ts)}/{o.conns} connections opened")
     for lst in ls:
@@ -634,6 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--inflight", type=int, default=1)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--count", type=int, default=10)
+    ap.add_argument(
+        "--write-per-msg",
+        action="store_true",
+        help="throughput: one write() per message (default: replies to one read coalesced)",
+    )
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--warmup", type=float, default=0.5)
     ap.add_argument("--duration", type=float, default=3.0)
