@@ -135,7 +135,9 @@ async def serve(
 def run(settings: Settings) -> int:
     """Run the gateway in this process, or fork ``workers`` processes; exit status."""
     kind = resolve_loop(settings.loop)
-    build_gateway(settings)  # fail fast, once, before forking
+    gateway = build_gateway(settings)  # fail fast, once, before forking
+    for warning in gateway.auth.warnings:  # e.g. a short HMAC secret
+        log.warning("weak JWT key", extra={"fields": {"detail": warning}})
     if settings.workers == 1:
         return _run_one(settings, kind)
     children: list[int] = []
