@@ -104,6 +104,7 @@ async def serve(
     server = GatewayServer(
         gateway, loop, server_ssl=_server_ssl(settings),
         upstream_ca_file=settings.upstream_ca_file, jwks_url=settings.jwks_url,
+        dns_ttl=settings.upstream_dns_ttl,
     )
     if settings.upstream_ca_file:
         _read(settings.upstream_ca_file, "upstream CA file")

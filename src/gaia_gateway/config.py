@@ -118,6 +118,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("certfile", str, None, "TLS certificate chain (PEM): serve wss:// and https://"),
     Option("keyfile", str, None, "TLS private key (PEM) for --certfile"),
     Option("upstream_ca_file", str, None, "CA bundle to verify a wss:// upstream (default: system)"),
+    Option("upstream_dns_ttl", _optional_seconds, 10.0,
+           "seconds to reuse an upstream host name's addresses (0: resolve every connection)"),
     Option("allowed_origins", _optional_csv, None,
            "Origin allow-list (comma list); unset: any Origin, and clients without one"),
     Option("loop", _choice("auto", "uvloop", "asyncio"), "auto",

@@ -93,3 +93,39 @@ def test_upstream_silent_504(gateway_factory: Callable[..., GatewayHandle],
     elapsed = time.monotonic() - t0
     assert 0.4 < elapsed < 1.5, elapsed
     assert silent.accepted == 1
+
+
+def _echo_once(gw: GatewayHandle) -> None:
+    with connect(gw.url(token()), open_timeout=5) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=3) == "hello"
+
+
+def test_upstream_name_is_resolved_once_per_ttl(gateway_factory: Callable[..., GatewayHandle],
+                                                echo: EchoServer) -> None:
+    # localhost may resolve to ::1 first, where nobody listens: the next address is tried
+    gw = gateway_factory(f"ws://localhost:{echo.port}/ws/experience", upstream_dns_ttl=60)
+    _echo_once(gw)
+    assert gw.server is not None
+    entry = gw.server._dns[("localhost", echo.port)]
+    assert isinstance(entry, tuple)
+    assert any(addr[1][0] == HOST for addr in entry[1]), entry
+    _echo_once(gw)
+    _echo_once(gw)
+    assert gw.server._dns[("localhost", echo.port)] is entry  # not looked up again
+
+
+def test_upstream_dns_ttl_zero_resolves_every_connection(
+        gateway_factory: Callable[..., GatewayHandle], echo: EchoServer) -> None:
+    gw = gateway_factory(f"ws://localhost:{echo.port}/ws/experience", upstream_dns_ttl=0)
+    _echo_once(gw)
+    _echo_once(gw)
+    assert gw.server is not None and gw.server._dns == {}
+
+
+def test_a_refusing_upstream_name_is_looked_up_again(
+        gateway_factory: Callable[..., GatewayHandle]) -> None:
+    port = free_port()  # nobody listens there, on any of localhost's addresses
+    gw = gateway_factory(f"ws://localhost:{port}/ws/experience", upstream_dns_ttl=60)
+    assert handshake_status(gw.url(token())) == 502
+    assert gw.server is not None and ("localhost", port) not in gw.server._dns
