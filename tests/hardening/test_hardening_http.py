@@ -18,7 +18,6 @@ from _support import (
     MiB,
     exchange,
     one_response,
-    parse_frames,
     parse_responses,
     sockets_closed,
     upgrade_request,

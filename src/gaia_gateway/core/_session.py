@@ -60,7 +60,13 @@ from ._frames import (
 )
 from ._http import Upstream, UpstreamAnswer, UpstreamRequest, http_response
 from ._limits import Limits
-from ._upgrade import UpgradeRefused, UpgradeRequest, check_upgrade, switching_protocols
+from ._upgrade import (
+    UpgradeRefused,
+    UpgradeRequest,
+    check_upgrade,
+    header_list,
+    switching_protocols,
+)
 
 __all__ = ["Gateway", "Session", "State"]
 
@@ -485,13 +491,14 @@ class Session:
             line = len(event.method) + len(event.target) + 11  # "M T HTTP/1.1\r\n"
             if line > limit:
                 return self._reject(414, "request line too long", now)
-            if line + sum(len(k) + len(v) + 4 for k, v in event.headers) + 2 > limit:
+            headers = header_list(event)
+            if line + sum(len(k) + len(v) + 4 for k, v in headers) + 2 > limit:
                 return self._reject(431, "request headers too large", now)
-            return self._route(event, now)
+            return self._route(event, headers, now)
         return self._reject(400, "bad request", now)
 
-    def _route(self, req: h11.Request, now: float) -> list[Action]:
-        headers = list(req.headers)
+    def _route(self, req: h11.Request, headers: list[tuple[bytes, bytes]], now: float
+               ) -> list[Action]:
         if len(headers) > self.limits.max_headers:
             return self._reject(431, "too many headers", now)
         target = req.target.decode("ascii", "replace")
@@ -527,7 +534,7 @@ class Session:
         gw = self.gateway
         if gw.max_connections is not None and gw.open_connections > gw.max_connections:
             return self._reject(503, "too many connections", now, [("Retry-After", "1")])
-        upgrade = check_upgrade(req)
+        upgrade = check_upgrade(req, headers)
         if isinstance(upgrade, UpgradeRefused):
             return self._reject(upgrade.status, upgrade.reason, now, list(upgrade.headers))
         early = conn_trailing(self._h11)

@@ -13,9 +13,9 @@ stays blocked for ``send_timeout`` is dropped and its upstream gets 1001.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from ..core import (
@@ -69,7 +69,7 @@ class ClientProtocol(asyncio.Protocol):
         server.gateway.open_connections += 1
         server.clients.add(self)
         self.session = Session(
-            server.gateway, client_addr=addr, tls=server.tls, request_id=uuid.uuid4().hex,
+            server.gateway, client_addr=addr, tls=server.tls, request_id=os.urandom(16).hex(),
             now=time.time(),
         )
         if server.gateway.draining:
@@ -210,12 +210,25 @@ class ClientProtocol(asyncio.Protocol):
         server = self.server
         proto = UpstreamProtocol(self)
         self.upstream = proto
+        ssl_ctx = server.upstream_ssl(target.tls)
         try:
-            await self.loop.create_connection(
-                lambda: proto, target.host, target.port,
-                ssl=server.upstream_ssl(target.tls),
-                server_hostname=target.host if target.tls else None,
-            )
+            addrs = await server.resolve(target.host, target.port)
+            last: OSError | None = None
+            for family, sockaddr in addrs:  # in the resolver's order, as create_connection does
+                try:
+                    await self.loop.create_connection(
+                        lambda: proto, sockaddr[0], sockaddr[1], family=family,
+                        ssl=ssl_ctx, server_hostname=target.host if target.tls else None,
+                    )
+                except ssl.SSLError:
+                    raise
+                except OSError as exc:
+                    last = exc
+                    continue
+                break
+            else:
+                server.forget(target.host, target.port)
+                raise last or OSError("no address")
         except asyncio.CancelledError:
             return
         except ssl.SSLError as exc:
@@ -235,14 +248,21 @@ class ClientProtocol(asyncio.Protocol):
     # ------------------------------------------------------------------ timers
 
     def _arm_timer(self) -> None:
+        """Make sure a timer fires no later than the session's deadline.
+
+        A timer already armed for an earlier moment is kept, even when the deadline moved
+        later or went away: it fires early, the session finds nothing due, and the timer is
+        armed again for what is left. A handshake moves its deadline four or five times, and
+        a cancel plus a new timer each time cost more than one early wake-up.
+        """
         session = self.session
         deadline = session.deadline if session is not None else None
-        if deadline == self._timer_at:
+        at = self._timer_at
+        if deadline is None or (at is not None and at <= deadline):
             return
         self._cancel_timer()
-        if deadline is not None:
-            self._timer_at = deadline
-            self._timer = self.loop.call_later(max(0.0, deadline - time.time()), self._on_timer)
+        self._timer_at = deadline
+        self._timer = self.loop.call_later(max(0.0, deadline - time.time()), self._on_timer)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
