@@ -271,17 +271,22 @@ class FrameRelay:
         expect_mask = self._expect_mask
         # Small final text/binary frames back to back (a batch of game messages in one read)
         # take this loop: FIN set, RSV clear, the right mask bit, under 126 bytes.
-        small = 6 if expect_mask else 2
-        if self._max_message >= 125:
+        # The second byte of such a frame is the mask bit plus a length up to 125, so one
+        # range check covers both; the frame is (2 or 6) + length bytes long.
+        if self._max_message >= 125 and not self._in_message:
             count = 0
-            while not self._in_message and pos + 1 < n:
+            last = n - 1
+            lo = expect_mask
+            hi = expect_mask + 125
+            step = (6 if expect_mask else 2) - expect_mask
+            while pos < last:
                 b0 = data[pos]
-                if b0 != 0x81 and b0 != 0x82:
+                if b0 != 0x82 and b0 != 0x81:
                     break
                 b1 = data[pos + 1]
-                if b1 & 0x80 != expect_mask or b1 & 0x7F > 125:
+                if b1 < lo or b1 > hi:
                     break
-                pos += small + (b1 & 0x7F)
+                pos += step + b1
                 count += 1
             self.messages += count
         while pos < n:

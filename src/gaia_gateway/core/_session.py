@@ -537,7 +537,9 @@ class Session:
         upgrade = check_upgrade(req, headers)
         if isinstance(upgrade, UpgradeRefused):
             return self._reject(upgrade.status, upgrade.reason, now, list(upgrade.headers))
-        early = conn_trailing(self._h11)
+        # Bytes after the head (frames sent before our 101). The request has no body (checked
+        # above), so they are h11's unparsed buffer as it stands.
+        early = bytes(self._h11.trailing_data[0])
         origins = gw.allowed_origins
         if origins is not None:
             origin = _header(headers, b"origin")
@@ -760,17 +762,6 @@ class Session:
             if since is not None:
                 candidates.append(since + self.limits.send_timeout)
         self.deadline = min((c for c in candidates if c is not None), default=None)
-
-
-def conn_trailing(conn: h11.Connection) -> bytes:
-    """Bytes the client sent after its request (frames sent before the 101 arrived)."""
-    try:
-        event = conn.next_event()  # EndOfMessage of the body-less GET
-        while event is not h11.PAUSED and event is not h11.NEED_DATA:
-            event = conn.next_event()
-    except h11.RemoteProtocolError:
-        return b""
-    return bytes(conn.trailing_data[0])
 
 
 def _fmt_close(close: tuple[int | None, str] | None) -> str | None:

@@ -212,7 +212,9 @@ class ClientProtocol(asyncio.Protocol):
         self.upstream = proto
         ssl_ctx = server.upstream_ssl(target.tls)
         try:
-            addrs = await server.resolve(target.host, target.port)
+            addrs = server.cached_addresses(target.host, target.port)
+            if addrs is None:
+                addrs = await server.resolve(target.host, target.port)
             last: OSError | None = None
             for family, sockaddr in addrs:  # in the resolver's order, as create_connection does
                 try:

@@ -97,21 +97,30 @@ class GatewayServer:
 
     # ---------------------------------------------------------- upstream addresses
 
+    def cached_addresses(self, host: str, port: int) -> list[tuple[int, tuple[Any, ...]]] | None:
+        """The addresses :meth:`resolve` would return, when it need not wait for them."""
+        entry = self._dns.get((host, port))
+        if type(entry) is tuple and entry[0] > self.loop.time():
+            return entry[1]
+        return None
+
     async def resolve(self, host: str, port: int) -> list[tuple[int, tuple[Any, ...]]]:
         """(family, sockaddr) pairs for an upstream, from a cache kept ``dns_ttl`` seconds.
 
         Resolving ``localhost`` for every connection costs a trip through the resolver's
         thread pool (about 0.15 ms of a 1.1 ms handshake here); concurrent handshakes
-        share one lookup. An IP literal is not looked up at all.
+        share one lookup. An IP literal is not looked up, and is remembered for good.
         """
+        key = (host, port)
         try:
             ip = ipaddress.ip_address(host.strip("[]"))
         except ValueError:
             pass
         else:
             family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-            return [(family, (str(ip), port))]
-        key = (host, port)
+            addrs: list[tuple[int, tuple[Any, ...]]] = [(family, (str(ip), port))]
+            self._dns[key] = (float("inf"), addrs)
+            return addrs
         entry = self._dns.get(key)
         if isinstance(entry, tuple):
             if entry[0] > self.loop.time():
@@ -141,7 +150,8 @@ class GatewayServer:
 
     def forget(self, host: str, port: int) -> None:
         """An address failed: look the name up again next time."""
-        if isinstance(self._dns.get((host, port)), tuple):
+        entry = self._dns.get((host, port))
+        if isinstance(entry, tuple) and entry[0] != float("inf"):  # a literal stays
             del self._dns[(host, port)]
 
     # --------------------------------------------------------------- upstream TLS
