@@ -35,9 +35,9 @@ class Upstream(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         t = self.client.transport
-        if t is not None and t.can_write_eof():
-            t.write_eof()
-        return True  # half-close: the client may still send
+        if t is not None:
+            t.close()  # after what is buffered
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -97,9 +97,9 @@ class Client(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         up = self.up
-        if up is not None and up.transport is not None and up.transport.can_write_eof():
-            up.transport.write_eof()
-        return True
+        if up is not None and up.transport is not None:
+            up.transport.close()  # after what is buffered
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

@@ -252,15 +252,20 @@ class ClientProtocol(asyncio.Protocol):
     def _arm_timer(self) -> None:
         """Make sure a timer fires no later than the session's deadline.
 
-        A timer already armed for an earlier moment is kept, even when the deadline moved
-        later or went away: it fires early, the session finds nothing due, and the timer is
-        armed again for what is left. A handshake moves its deadline four or five times, and
-        a cancel plus a new timer each time cost more than one early wake-up.
+        A timer already armed for an earlier moment is kept when the deadline moves later:
+        it fires early, the session finds nothing due, and the timer is armed again for what
+        is left (cheaper than a cancel and a new timer at every move). When no deadline is
+        left (an open session without an idle timeout) the timer goes: an idle connection
+        holds no timer, which keeps its memory at about 6 KB.
         """
         session = self.session
         deadline = session.deadline if session is not None else None
         at = self._timer_at
-        if deadline is None or (at is not None and at <= deadline):
+        if deadline is None:
+            if at is not None:
+                self._cancel_timer()
+            return
+        if at is not None and at <= deadline:
             return
         self._cancel_timer()
         self._timer_at = deadline
