@@ -926,13 +926,6 @@ def main() -> int:
         help=f"comma list from {','.join(SCENARIO_KEYS)} (default all)",
     )
     ap.add_argument(
-        "--spin",
-        action="store_true",
-        help="during the latency runs keep the proxy's CPU awake with a nice-19 busy loop "
-        "(an idle vCPU here can take milliseconds to wake, which then dominates the p99s); "
-        "a diagnostic run, not the default",
-    )
-    ap.add_argument(
         "--memory",
         action="store_true",
         help="the memory run: --scenarios idle --idle-conns 9000 --idle-hold 60 --reps 1, "
@@ -945,7 +938,6 @@ def main() -> int:
         cfg.update(MEMORY)
     if args.reps:
         cfg["reps"] = args.reps
-    cfg["spin"] = bool(args.spin)
     if args.idle_conns:
         cfg["idle_conns"] = args.idle_conns
     if args.idle_hold is not None:
@@ -1087,23 +1079,13 @@ def main() -> int:
                             del live[name]
                             continue
                         wait_quiet(target_pids(t, ctx))
-                        spinner = None
-                        if cfg["spin"] and pin and key.startswith("lat"):
-                            spinner = subprocess.Popen(
-                                ["taskset", "-c", "0", "nice", "-n", "19", sys.executable,
-                                 "-c", "while True: pass"])
                         t0 = time.monotonic()
                         try:
                             r = loadgen(ctx, t, sc, *extra, timeout=timeout)
                         except Exception as e:  # noqa: BLE001
                             r = {"error": str(e)}
                             log(f"ERROR {name} {key}: {e}")
-                        finally:
-                            if spinner is not None:
-                                spinner.kill()
-                                spinner.wait()
-                        if spinner is None:  # the spinner is CPU 0's "other load" by design
-                            add_foreign_load(r, t, pin)
+                        add_foreign_load(r, t, pin)
                         sample_loadavg()
                         results[name].setdefault(key, []).append(r)
                         log(
@@ -1404,12 +1386,6 @@ def report(
             "proxy under test on CPU 0, echo backend + loadgen on CPU 1 (taskset)"
             if pin
             else "none (--no-pin)"
-        )
-        + (
-            "; --spin: during the latency runs a nice-19 busy loop kept CPU 0 awake, so the "
-            "tails show the proxies, not an idle vCPU's wake-up delay"
-            if cfg.get("spin")
-            else ""
         ),
         (
             f"- reps: {cfg['reps']} (medians; targets alternate within each rep, order rotated "
