@@ -42,6 +42,22 @@ __all__ = ["ClientProtocol", "UpstreamProtocol"]
 class ClientProtocol(asyncio.Protocol):
     """One client socket, and (through :class:`UpstreamProtocol`) its upstream socket."""
 
+    __slots__ = (
+        "_connect_task",
+        "_linger",
+        "_logged_close",
+        "_released",
+        "_timer",
+        "_timer_at",
+        "c2u",
+        "loop",
+        "server",
+        "session",
+        "transport",
+        "upstream",
+    )
+
+
     def __init__(self, server: GatewayServer) -> None:
         self.server = server
         self.loop = server.loop
@@ -290,6 +306,12 @@ class ClientProtocol(asyncio.Protocol):
 
 
 class UpstreamProtocol(asyncio.Protocol):
+    __slots__ = (
+        "client",
+        "transport",
+        "u2c",
+    )
+
     def __init__(self, client: ClientProtocol) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
