@@ -276,3 +276,56 @@ def test_a_short_secret_is_reported_once_at_start_up() -> None:
     auth = Authenticator(AuthConfig(), secret="short")
     assert auth.warnings and "below the minimum recommended length" in auth.warnings[0]
     assert Authenticator(AuthConfig(), secret=SECRET).warnings == []
+
+
+def _signed(header_seg: str, payload_seg: str) -> str:
+    signing_input = f"{header_seg}.{payload_seg}"
+    return f"{signing_input}.{_sign_hs('HS256', SECRET, signing_input)}"
+
+
+def _bump_unused_bits(segment: str) -> str:
+    """The same bytes, encoded with nonzero bits in the last character's unused low bits."""
+    assert len(segment) % 4 in (2, 3)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    return segment[:-1] + alphabet[alphabet.index(segment[-1]) | 1]
+
+
+_HEADER_SEG = _b64(b'{"alg":"HS256","typ":"JWT"}')
+
+
+def _payload_seg(tail: int) -> str:
+    """A valid claims segment whose unpadded length is 4k + tail."""
+    for pad in range(8):
+        claims = {"sub": "user-42", "aud": "authenticated", "exp": int(NOW) + 60,
+                  "x": "y" * pad}
+        seg = _b64(json.dumps(claims, separators=(",", ":")).encode())
+        if len(seg) % 4 == tail:
+            return seg
+    raise AssertionError(tail)
+
+
+@pytest.mark.parametrize("case", [
+    "plain-2", "plain-3", "plain-0", "padded-2", "padded-3", "overpadded-0", "wrong-pad-2",
+    "noncanonical-2", "noncanonical-3", "noncanonical-signature", "padded-signature",
+])
+def test_base64url_encoding_rules_agree_with_pyjwt(case: str) -> None:
+    kind, _, tail = case.rpartition("-")
+    if kind in ("noncanonical", "padded") and tail == "signature":
+        tok = _signed(_HEADER_SEG, _payload_seg(0))
+        head, body, sig = tok.split(".")  # an HS256 signature is 43 characters: 4k + 3
+        sig = _bump_unused_bits(sig) if kind == "noncanonical" else sig + "="
+        tok = f"{head}.{body}.{sig}"
+    else:
+        seg = _payload_seg(int(tail))
+        if kind == "padded":
+            seg += "=" * (-len(seg) % 4)
+        elif kind == "overpadded":
+            seg += "=="
+        elif kind == "wrong-pad":
+            seg += "="  # 4k + 2 needs two
+        elif kind == "noncanonical":
+            seg = _bump_unused_bits(seg)
+        tok = _signed(_HEADER_SEG, seg)
+    _compare(tok, HS256, SECRET, ["HS256"], ["authenticated"], None)
+    expected_ok = kind in ("plain", "padded")
+    assert isinstance(HS256.verify(tok, NOW), Identity) is expected_ok, case

@@ -320,20 +320,28 @@ def _json_object(raw: bytes | None) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
+_B64URL_VALUE = {c: i for i, c in enumerate(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}
+
+
 def _b64url(segment: str) -> bytes | None:
-    """One base64url segment, decoded as strictly as PyJWT does; None if it is not one."""
+    """One base64url segment, decoded as strictly as PyJWT does; None if it is not one.
+
+    The caller has matched the segment against the base64url alphabet (``_COMPACT_JWS``).
+    """
     stripped = segment.rstrip("=")
     padding = len(segment) - len(stripped)
-    if padding > 2 or (padding and len(segment) % 4) or len(stripped) % 4 == 1:
+    tail = len(stripped) % 4
+    if padding > 2 or (padding and len(segment) % 4) or tail == 1:
+        return None
+    # Canonical only (PyJWT re-encodes and compares): the bits of the last character that
+    # encode no byte must be zero, 4 of them after 2 characters of a group, 2 after 3.
+    if tail and _B64URL_VALUE[stripped[-1]] & (0x0F if tail == 2 else 0x03):
         return None
     try:
-        raw = base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
+        return base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
     except (binascii.Error, ValueError):
         return None
-    # canonical only: unused low bits in the last character must be zero
-    if base64.urlsafe_b64encode(raw).rstrip(b"=") != stripped.encode("ascii", "replace"):
-        return None
-    return raw
 
 
 def _is_number(value: Any) -> TypeGuard[int | float]:

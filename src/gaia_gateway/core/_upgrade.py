@@ -37,6 +37,7 @@ class UpgradeRefused:
 
 
 _VERSION_HEADERS = (("Sec-WebSocket-Version", "13"),)
+_GOOD_HOSTS: set[bytes] = set()  # Host values that passed the IDNA check (the codec is slow)
 
 
 def header_list(req: h11.Request) -> list[tuple[bytes, bytes]]:
@@ -66,7 +67,10 @@ def check_upgrade(req: h11.Request, headers: list[tuple[bytes, bytes]] | None = 
     try:
         for name, value in headers:
             if name == b"host":
-                value.decode("idna")  # as wsproto does: a Host that is no hostname is a 400
+                if value not in _GOOD_HOSTS:
+                    value.decode("idna")  # as wsproto does: a Host that is no hostname is a 400
+                    if len(_GOOD_HOSTS) < 256:  # clients name the same few hosts
+                        _GOOD_HOSTS.add(value)
                 host = value
             elif name == b"connection":
                 value.decode("ascii")
