@@ -111,6 +111,9 @@ class GatewayServer:
         thread pool (about 0.15 ms of a 1.1 ms handshake here); concurrent handshakes
         share one lookup. An IP literal is not looked up, and is remembered for good.
         """
+        cached = self.cached_addresses(host, port)
+        if cached is not None:
+            return cached
         key = (host, port)
         try:
             ip = ipaddress.ip_address(host.strip("[]"))
@@ -121,16 +124,12 @@ class GatewayServer:
             addrs: list[tuple[int, tuple[Any, ...]]] = [(family, (str(ip), port))]
             self._dns[key] = (float("inf"), addrs)
             return addrs
-        entry = self._dns.get(key)
-        if isinstance(entry, tuple):
-            if entry[0] > self.loop.time():
-                return entry[1]
-            entry = None
-        if entry is None:
+        lookup = self._dns.get(key)
+        if not isinstance(lookup, asyncio.Task):  # none under way (an expired entry, or none)
             # its own task: a client that leaves must not cancel the others' lookup
-            entry = self.loop.create_task(self._lookup(key))
-            self._dns[key] = entry
-        return await asyncio.shield(entry)
+            lookup = self.loop.create_task(self._lookup(key))
+            self._dns[key] = lookup
+        return await asyncio.shield(lookup)
 
     async def _lookup(self, key: tuple[str, int]) -> list[tuple[int, tuple[Any, ...]]]:
         try:
