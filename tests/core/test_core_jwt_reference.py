@@ -39,6 +39,15 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _bump_unused_bits(segment: str) -> str:
+    """The same bytes, encoded with nonzero bits in the last character's unused low bits."""
+    assert len(segment) % 4 in (2, 3)
+    return segment[:-1] + _ALPHABET[_ALPHABET.index(segment[-1]) | 1]
+
+
 def _sign_hs(alg: str, key: str, signing_input: str) -> str:
     digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
     return _b64(hmac.new(key.encode(), signing_input.encode(), digest).digest())
@@ -123,9 +132,8 @@ def _mutate(tok: str, how: int, pos: int, char: str) -> str:
     if how == 4 and "." in tok:  # non-canonical: bump the last character of the payload
         head, body, *rest = tok.split(".")
         if body:
-            alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-            body = body[:-1] + alphabet[(alphabet.index(body[-1]) + 1 + pos % 3) % 64] \
-                if body[-1] in alphabet else body
+            body = body[:-1] + _ALPHABET[(_ALPHABET.index(body[-1]) + 1 + pos % 3) % 64] \
+                if body[-1] in _ALPHABET else body
         return ".".join([head, body, *rest])
     if how == 5:  # surrounding whitespace
         return f" {tok}" if pos % 2 else f"{tok}\n"
@@ -150,8 +158,7 @@ def tokens(draw: st.DrawFn) -> str:
     elif form == "overpadded":
         segment += "=" * draw(st.integers(1, 3))
     elif form == "noncanonical" and len(segment) % 4 in (2, 3):  # nonzero unused low bits
-        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-        segment = segment[:-1] + alphabet[alphabet.index(segment[-1]) | 1]
+        segment = _bump_unused_bits(segment)
     # signed over the segment as written: only the encoding rules can refuse it
     signing_input = _b64(json.dumps(header).encode()) + "." + segment
     alg = header["alg"]
@@ -281,13 +288,6 @@ def test_a_short_secret_is_reported_once_at_start_up() -> None:
 def _signed(header_seg: str, payload_seg: str) -> str:
     signing_input = f"{header_seg}.{payload_seg}"
     return f"{signing_input}.{_sign_hs('HS256', SECRET, signing_input)}"
-
-
-def _bump_unused_bits(segment: str) -> str:
-    """The same bytes, encoded with nonzero bits in the last character's unused low bits."""
-    assert len(segment) % 4 in (2, 3)
-    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-    return segment[:-1] + alphabet[alphabet.index(segment[-1]) | 1]
 
 
 _HEADER_SEG = _b64(b'{"alg":"HS256","typ":"JWT"}')
