@@ -1,7 +1,8 @@
 """End-to-end benchmark: gaia-gateway vs nginx vs the old gateway vs direct.
 
     python bench/e2e/run.py [--quick] [--reps N] [--targets a,b] [--scenarios x,y]
-                            [--idle-conns M] [--idle-hold H] [--json FILE] [--no-pin]
+                            [--idle-conns M] [--idle-hold H] [--json FILE]
+                            [--no-pin | --proxy-cpu 0|1]
     python bench/e2e/run.py --memory      # 9,000 idle connections held 60 s (~6 min)
 
 Starts a picows echo backend (bench/e2e/echo_picows.py), the proxies under
@@ -17,9 +18,14 @@ byte relay with no parsing and no JWT, the floor for any Python proxy), old
 with a note on stderr.
 
 Pinning (default): the proxy under test on CPU 0, echo backend + loadgen on
-CPU 1 (taskset). --no-pin runs everything unpinned. gaia-uvloop-w2 is never
-pinned (the point is to use both cores), so it shares CPU 1 with the loadgen
-and the backend; its CPU figures sum the parent and all workers.
+CPU 1 (taskset). --proxy-cpu 1 puts the proxy on CPU 1 with them. --no-pin runs
+everything unpinned. gaia-uvloop-w2 is never pinned (the point is to use both
+cores), so it shares CPU 1 with the loadgen and the backend; its CPU figures
+sum the parent and all workers.
+
+p99 at 100 connections: each pass records the steal time (/proc/stat) on the
+proxy's CPU. The bar is judged on the passes with (almost) none; the table
+shows all passes too.
 
 Idle/memory test: M connections opened (--idle-conns; 5000 full, 500 quick),
 held --idle-hold seconds with nothing sent while the proxy's RSS is sampled,
@@ -72,8 +78,12 @@ FULL = {
     "tput_dur": 2.0,
     "lat_warmup": 0.3,
     "lat_dur": 0.8,  # per pass
-    "lat100_dur": 1.5,  # per pass: 3,000 samples, 30 above the p99
+    "lat100_dur": 1.0,  # per pass: 2,000 samples, 20 above the p99
     "lat_passes": 3,
+    # short passes and more of them: a pass counts for the p99 bar only if the hypervisor
+    # took (almost) none of the proxy's CPU during it (CALM_STEAL), and short ones are
+    # steal-free more often
+    "lat100_passes": 4,
     "conn_warmup": 0.3,
     "conn_dur": 2.0,
     "idle_conns": 5000,
@@ -102,6 +112,13 @@ MEMORY = {  # --memory: the issue's "9,000 connections held for a minute"
 IDLE_SAMPLE = 5.0  # s between RSS samples during the hold
 LAT_CONNS = 100  # "p99 at 100 connections"
 LAT_RATE = 20.0  # msgs/s per connection (a 20 Hz game tick), open loop
+# Steal time (/proc/stat: the hypervisor ran something else while this vCPU had work) on the
+# proxy's CPU stalls the proxy while the load generator, on the other vCPU, keeps sending: every
+# message of the stall waits it out. On this VM kind a pass with 1-2 % steal has a p99 of several
+# ms whatever the proxy (bench/RESULTS.md). `direct` is immune: its sender stalls with it. Passes
+# under this share of steal on the proxy's CPU (< 1 tick of 10 ms per second) are "steal-free".
+CALM_STEAL = 0.005
+MIN_CALM = 3  # steal-free passes each of gaia and nginx needs before the p99 bar is judged
 CONNECT_CONCURRENCY = 4
 
 
@@ -470,7 +487,7 @@ def start_target(t: Target, ctx: dict[str, Any]) -> None:
     tmp: Path = ctx["tmp"]
     t.log_path = tmp / f"{t.name}.log"
     upstream = f"ws://127.0.0.1:{ctx['backend_port']}{WS_PATH}"
-    cpu = 0 if ctx["pin"] and t.pinned else None
+    cpu = ctx["proxy_cpu"] if t.pinned else None
     env = None
     if t.name.startswith("gaia-"):
         loop = t.loop
@@ -642,28 +659,44 @@ def loadgen(
     return ctx["loadgen"].run(argv, timeout)
 
 
-def add_foreign_load(r: dict[str, Any], t: Target, pin: bool) -> None:
-    """CPU used by processes that are not ours during the window (noise)."""
+def add_foreign_load(r: dict[str, Any], t: Target, proxy_cpu: int | None) -> None:
+    """CPU used by processes that are not ours during the window (noise), and steal.
+
+    proxy_cpu: the CPU the proxy is pinned to (the backend and the loadgen are on CPU 1), None
+    when unpinned.
+    """
     busy = r.get("cpu_busy")
     if not busy or "proxy_cpu_util" not in r:
         return
     proxy = 0.0 if t.is_direct else r["proxy_cpu_util"]
     ours_cpu1 = r["backend_cpu_util"] + r["loadgen_cpu_util"]
-    if pin and t.pinned and "cpu0" in busy and "cpu1" in busy:
-        r["foreign_cpu"] = {
-            "cpu0": max(0.0, busy["cpu0"] - proxy),
-            "cpu1": max(0.0, busy["cpu1"] - ours_cpu1),
-        }
+    pcpu = f"cpu{proxy_cpu}"
+    pinned = proxy_cpu is not None and t.pinned and pcpu in busy and "cpu1" in busy
+    if pinned:
+        foreign = dict.fromkeys(busy, 0.0) | {pcpu: busy[pcpu], "cpu1": busy["cpu1"]}
+        foreign[pcpu] -= proxy
+        foreign["cpu1"] -= ours_cpu1
+        r["foreign_cpu"] = {k: max(0.0, v) for k, v in foreign.items()}
     else:
         r["foreign_cpu"] = {"all": max(0.0, sum(busy.values()) - proxy - ours_cpu1)}
-    r["steal_max"] = max(r.get("cpu_steal", {}).values(), default=0.0)
+    steal = r.get("cpu_steal", {})
+    r["steal_max"] = max(steal.values(), default=0.0)
+    # the CPU whose stalls show in the latency: the proxy's; either one when unpinned or direct
+    on_proxy = pinned and not t.is_direct and pcpu in steal
+    r["steal_proxy"] = steal[pcpu] if on_proxy else r["steal_max"]
 
 
 def foreign_str(r: dict[str, Any]) -> str:
     f = r.get("foreign_cpu")
     if not f:
         return ""
-    return "  other load " + " ".join(f"{k} {v * 100:.0f}%" for k, v in f.items())
+    steal = f", steal {r['steal_proxy'] * 100:.1f}%" if "steal_proxy" in r else ""
+    return "  other load " + " ".join(f"{k} {v * 100:.0f}%" for k, v in f.items()) + steal
+
+
+def lat_passes(cfg: dict[str, Any], key: str) -> int:
+    lat = cfg.get("lat_passes", 1)
+    return int(cfg.get("lat100_passes", lat)) if key == "lat100" else int(lat)
 
 
 def scenarios(cfg: dict[str, Any]) -> list[tuple[str, str, list[str], float]]:
@@ -742,6 +775,8 @@ def summarize(
             return med([r.get(field) for r in per.get(key, []) if r and "error" not in r])
 
         idle = [r for r in per.get("idle", []) if r and "error" not in r]
+        lat100 = [r for r in per.get("lat100", []) if r and "error" not in r]
+        calm = [r for r in lat100 if r.get("steal_proxy", 1.0) < CALM_STEAL]
         summary[name] = {
             "cpu64": m("tput64", "cpu_us_per_msg"),
             "msgs64": m("tput64", "msgs_per_s"),
@@ -760,6 +795,10 @@ def summarize(
             "p999": m("lat1", "p99.9"),
             "p99_100": m("lat100", "p99"),
             "p50_100": m("lat100", "p50"),
+            "steal_100": m("lat100", "steal_proxy"),
+            "p99_100_calm": med([r.get("p99") for r in calm]),
+            "n_100_calm": len(calm),
+            "n_100": len(lat100),
             "hs": m("connect", "handshakes_per_s"),
             "hs_cpu": m("connect", "cpu_ms_per_handshake"),
             "kib_conn": m("idle", "kib_per_conn"),
@@ -792,6 +831,8 @@ def render(summary: dict[str, dict[str, float | None]], targets: list[str]) -> s
         "p99.9 µs",
         "added p50 µs",
         "p99 µs @100c",
+        "steal-free passes: p99 µs @100c (n)",
+        "steal % on proxy CPU @100c",
         "handshakes/s",
         "CPU ms/handshake",
         "×direct / ×nginx",
@@ -833,6 +874,8 @@ def render(summary: dict[str, dict[str, float | None]], targets: list[str]) -> s
             fmt(s["p999"]),
             fmt(added),
             fmt(s["p99_100"]),
+            f"{fmt(s['p99_100_calm'])} ({s['n_100_calm']}/{s['n_100']})" if s["n_100"] else "—",
+            fmt(pct(s["steal_100"])),
             fmt(s["hs"], 0),
             fmt(s["hs_cpu"], 3),
             ratios(s["hs_cpu"], d.get("hs_cpu"), n.get("hs_cpu")),
@@ -909,6 +952,14 @@ def main() -> int:
     ap.add_argument("--targets", help=f"comma list from {','.join(ALL_TARGETS)} (default all)")
     ap.add_argument("--json", metavar="FILE", help="save raw per-rep results as JSON")
     ap.add_argument("--no-pin", action="store_true", help="do not pin processes with taskset")
+    ap.add_argument(
+        "--proxy-cpu",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="CPU the proxy is pinned to (default 0; the backend and the loadgen are on CPU 1, so "
+        "1 puts all three on one CPU)",
+    )
     ap.add_argument(
         "--keep-tmp", metavar="DIR", help="copy the temp dir (logs, nginx.conf) to DIR at the end"
     )
@@ -1005,6 +1056,7 @@ def main() -> int:
     ctx: dict[str, Any] = {
         "secret": secrets.token_hex(32),
         "pin": pin,
+        "proxy_cpu": args.proxy_cpu if pin else None,
         "nofile": nofile,
         "nginx_wconns": nginx_wconns,
         "commands": {},
@@ -1013,7 +1065,7 @@ def main() -> int:
     scen = scenarios(cfg)
     log(
         f"targets: {', '.join(targets)}; scenarios {','.join(cfg['scenarios'])}; reps {cfg['reps']}; "
-        f"{'pinned: proxy CPU 0, backend+loadgen CPU 1' if pin else 'unpinned'}"
+        + (f"pinned: proxy CPU {args.proxy_cpu}, backend+loadgen CPU 1" if pin else "unpinned")
     )
 
     try:
@@ -1063,7 +1115,7 @@ def main() -> int:
                     # Latency drifts with the machine's state (how deeply an idle vCPU
                     # sleeps) more than between targets: short passes, targets alternating
                     # in each, spread that drift evenly; the medians are over all passes.
-                    passes = cfg.get("lat_passes", 1) if key.startswith("lat") else 1
+                    passes = lat_passes(cfg, key) if key.startswith("lat") else 1
                     for name in [n for _ in range(passes) for n in order]:
                         t = live.get(name)
                         if t is None:
@@ -1085,7 +1137,7 @@ def main() -> int:
                         except Exception as e:  # noqa: BLE001
                             r = {"error": str(e)}
                             log(f"ERROR {name} {key}: {e}")
-                        add_foreign_load(r, t, pin)
+                        add_foreign_load(r, t, ctx["proxy_cpu"])
                         sample_loadavg()
                         results[name].setdefault(key, []).append(r)
                         log(
@@ -1111,7 +1163,7 @@ def main() -> int:
 
     elapsed = time.monotonic() - t_start
     summary = summarize(results)
-    print(report(info, command, cfg, pin, targets, summary, results, elapsed))
+    print(report(info, command, cfg, ctx["proxy_cpu"], targets, summary, results, elapsed))
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -1120,6 +1172,7 @@ def main() -> int:
                     "command": command,
                     "config": cfg,
                     "pinned": pin,
+                    "proxy_cpu": ctx["proxy_cpu"],
                     "targets": targets,
                     "commands": ctx["commands"],
                     "summary": summary,
@@ -1277,13 +1330,28 @@ def verdicts(summary: dict[str, dict[str, float | None]], results: dict[str, Any
         f"added {fmt(ga)} vs {fmt(n_a)} µs (p50 {fmt(g.get('p50'))} / {fmt(n.get('p50'))} / "
         f"direct {fmt(d.get('p50'))} µs)",
     )
-    line(
-        "p99 @100 conns ≤ nginx's",
-        _r(g.get("p99_100"), n.get("p99_100")),
-        1.0,
-        True,
-        f"{fmt(g.get('p99_100'))} vs {fmt(n.get('p99_100'))} µs",
+    # A pass in which the hypervisor took the proxy's CPU measures that stall, not the proxy
+    # (CALM_STEAL): the bar is judged on the steal-free passes, if both have enough of them.
+    gn, nn = g.get("n_100_calm") or 0, n.get("n_100_calm") or 0
+    every = (
+        f"all passes: {fmt(g.get('p99_100'))} vs {fmt(n.get('p99_100'))} µs "
+        f"(×{fmt(_r(g.get('p99_100'), n.get('p99_100')), 2)}), median steal on the proxy's CPU "
+        f"{fmt(pct(g.get('steal_100')))} % / {fmt(pct(n.get('steal_100')))} %"
     )
+    if gn >= MIN_CALM and nn >= MIN_CALM:
+        line(
+            "p99 @100 conns ≤ nginx's, steal-free passes",
+            _r(g.get("p99_100_calm"), n.get("p99_100_calm")),
+            1.0,
+            True,
+            f"{fmt(g.get('p99_100_calm'))} vs {fmt(n.get('p99_100_calm'))} µs over {gn} / {nn} "
+            f"steal-free passes; {every}",
+        )
+    elif g.get("n_100"):
+        out.append(
+            f"- p99 @100 conns ≤ nginx's: **not measurable in this run**: only {gn} / {nn} "
+            f"passes were steal-free ({MIN_CALM} each wanted); {every}"
+        )
     line(
         "throughput 16 KiB ≥ nginx's (64k buffers)",
         _r(g.get("mb16k"), n.get("mb16k")),
@@ -1355,11 +1423,19 @@ def scaling(summary: dict[str, dict[str, float | None]]) -> list[str]:
 MAIN_TABLE = "<main table>"
 
 
+def pin_text(proxy_cpu: int | None) -> str:
+    if proxy_cpu is None:
+        return "- pinning: none (--no-pin)"
+    return (
+        f"- pinning: proxy under test on CPU {proxy_cpu}, echo backend + loadgen on CPU 1 (taskset)"
+    )
+
+
 def report(
     info: dict[str, str],
     command: str,
     cfg: dict[str, Any],
-    pin: bool,
+    proxy_cpu: int | None,
     targets: list[str],
     summary: dict[str, dict[str, float | None]],
     results: dict[str, Any],
@@ -1381,12 +1457,7 @@ def report(
             else "—"
         )
         + " (the harness itself keeps about 1-2 busy; other work on the machine adds noise)",
-        "- pinning: "
-        + (
-            "proxy under test on CPU 0, echo backend + loadgen on CPU 1 (taskset)"
-            if pin
-            else "none (--no-pin)"
-        ),
+        pin_text(proxy_cpu),
         (
             f"- reps: {cfg['reps']} (medians; targets alternate within each rep, order rotated "
             f"per rep); idle test {cfg['idle_reps']} rep"
@@ -1408,7 +1479,11 @@ def report(
             f"{LAT_CONNS} conns × {LAT_RATE:g} msg/s each for "
             f"{cfg.get('lat100_dur', cfg['lat_dur']):g} s per pass, open loop (send-timestamped, "
             "no coordinated omission); latency figures are medians over "
-            f"{cfg.get('lat_passes', 1)} pass(es) per rep, targets alternating within each pass. "
+            f"{cfg.get('lat_passes', 1)} pass(es) per rep ({lat_passes(cfg, 'lat100')} at 100c), "
+            "targets alternating within each pass. Steal-free passes: those in which the hypervisor "
+            f"took under {CALM_STEAL * 100:g} % of the proxy's CPU (steal, /proc/stat); in a pass "
+            "with more, the proxy stalls while the loadgen on the other CPU keeps sending, so its "
+            "p99 measures the stall (`direct` is immune: its sender stalls too). "
             "Handshakes: "
             f"{CONNECT_CONCURRENCY} concurrent clients, each a fresh JWT, upgrade + 1 echo + close; CPU ms per "
             f"handshake of the proxy. Idle: {cfg['idle_conns']} idle conns, ΔVmRSS of the proxy (tree) / "
@@ -1422,7 +1497,7 @@ def report(
     else:
         out[out.index(MAIN_TABLE)] = table
     multi = [t for t in targets if Target(t).workers > 1]
-    if multi and pin:
+    if multi and proxy_cpu is not None:
         out.insert(
             out.index(table) - 1 if table in out else len(out),
             f"- {', '.join(multi)}: {Target(multi[0]).workers} worker processes on one port "
@@ -1460,8 +1535,9 @@ def report(
         out += [
             "",
             (
-                "Against the issue's bars (gaia-uvloop, 1 process pinned to CPU 0, vs nginx, "
-                "1 worker pinned to CPU 0; ratios from this run, medians):"
+                "Against the issue's bars (gaia-uvloop, 1 process, vs nginx, 1 worker"
+                + (f", both pinned to CPU {proxy_cpu}" if proxy_cpu is not None else ", unpinned")
+                + "; ratios from this run, medians):"
             ),
             *vd,
         ]
@@ -1478,15 +1554,7 @@ def report(
         ]
         noisy = max(max(v) for v in fl.values()) > 0.10
         out.insert(
-            out.index(
-                "- pinning: "
-                + (
-                    "proxy under test on CPU 0, echo backend + loadgen on CPU 1 (taskset)"
-                    if pin
-                    else "none (--no-pin)"
-                )
-            )
-            + 1,
+            out.index(pin_text(proxy_cpu)) + 1,
             "- CPU used by other processes during the measurement windows: "
             + "; ".join(parts)
             + (
