@@ -319,8 +319,8 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / CLK_TCK
 
 
-def wait_quiet(pids: list[int], limit: float = 5.0) -> None:
-    """Let the previous step's teardown finish: wait until the proxy is idle."""
+def wait_quiet(pids: list[int], limit: float = 10.0) -> None:
+    """Let the previous steps' teardown finish: wait until these processes are idle."""
     end = time.monotonic() + limit
     prev = cpu_seconds(pids)
     while time.monotonic() < end:
@@ -1143,7 +1143,14 @@ def main() -> int:
                             )
                             del live[name]
                             continue
-                        wait_quiet(target_pids(t, ctx))
+                        # every live target and the backend, not only this one: a proxy
+                        # pinned to the same CPU may still be closing the previous step's
+                        # connections (the old design takes seconds for 5,000 idle ones)
+                        wait_quiet(
+                            [p for x in live.values() if x.proc and x.proc.poll() is None
+                             for p in target_pids(x, ctx)]
+                            + proc_tree(ctx["backend"].pid)
+                        )
                         t0 = time.monotonic()
                         try:
                             r = loadgen(ctx, t, sc, *extra, timeout=timeout)
