@@ -83,7 +83,7 @@ FULL = {
     # with the machine's state, so the bar's targets get more of them. 100 conns: a pass counts
     # for the p99 bar only if the hypervisor took (almost) none of the proxy's CPU during it
     # (CALM_STEAL), and short ones are steal-free more often.
-    "lat_passes": 5,
+    "lat_passes": 4,
     "lat_passes_all": 3,
     "lat100_passes": 4,
     "lat100_passes_all": 1,
