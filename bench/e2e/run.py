@@ -680,7 +680,7 @@ def add_foreign_load(r: dict[str, Any], t: Target, proxy_cpu: int | None) -> Non
     pcpu = f"cpu{proxy_cpu}"
     pinned = proxy_cpu is not None and t.pinned and pcpu in busy and "cpu1" in busy
     if pinned:
-        foreign = dict.fromkeys(busy, 0.0) | {pcpu: busy[pcpu], "cpu1": busy["cpu1"]}
+        foreign = dict(busy)
         foreign[pcpu] -= proxy
         foreign["cpu1"] -= ours_cpu1
         r["foreign_cpu"] = {k: max(0.0, v) for k, v in foreign.items()}
@@ -1064,7 +1064,6 @@ def main() -> int:
     results: dict[str, dict[str, list[dict[str, Any]]]] = {t: {} for t in targets}
     ctx: dict[str, Any] = {
         "secret": secrets.token_hex(32),
-        "pin": pin,
         "proxy_cpu": args.proxy_cpu if pin else None,
         "nofile": nofile,
         "nginx_wconns": nginx_wconns,
