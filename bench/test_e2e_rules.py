@@ -1,0 +1,111 @@
+"""The end-to-end harness's bookkeeping rules, on made-up pass results (no processes run).
+
+The p99-at-100-connections bar is judged on steal-free passes only (see ``CALM_STEAL`` in
+``bench/e2e/run.py`` and bench/RESULTS.md); these tests pin down which passes count, when the
+harness refuses to judge, and whose CPU a pass's steal is read from.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "e2e_run", Path(__file__).resolve().parent / "e2e" / "run.py"
+)
+assert _spec is not None and _spec.loader is not None
+run = importlib.util.module_from_spec(_spec)
+sys.modules["e2e_run"] = run
+_spec.loader.exec_module(run)
+
+
+def lat100(*passes: tuple[float, float]) -> list[dict[str, Any]]:
+    """(p99 µs, steal share on the proxy's CPU) per pass."""
+    return [{"p99": p99, "p50": p99 / 3, "steal_proxy": steal} for p99, steal in passes]
+
+
+def p99_verdict(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    lines = run.verdicts(run.summarize(results), results)
+    (line,) = [x for x in lines if "p99 @100" in x]
+    return line
+
+
+def test_steal_free_passes_decide_the_bar_and_stalled_ones_do_not() -> None:
+    # gaia is worse over all passes only because its stalled passes were worse
+    gaia = lat100((600, 0.0), (620, 0.0), (640, 0.004), (9000, 0.03), (8000, 0.02))
+    nginx = lat100((650, 0.0), (700, 0.0), (660, 0.0), (700, 0.01), (680, 0.0))
+    results = {"gaia-uvloop": {"lat100": gaia}, "nginx": {"lat100": nginx}}
+    s = run.summarize(results)
+    assert (s["gaia-uvloop"]["n_100_calm"], s["gaia-uvloop"]["n_100"]) == (3, 5)
+    assert s["gaia-uvloop"]["p99_100_calm"] == 620
+    assert s["nginx"]["n_100_calm"] == 4
+    line = p99_verdict(results)
+    assert "steal-free passes: **met**" in line, line
+    assert "620.0 vs 670.0 µs over 3 / 4 steal-free passes" in line, line
+    assert "all passes: 640.0 vs 680.0 µs" in line, line
+
+    # the same bar fails when gaia's steal-free passes are the slower ones
+    gaia_slow = lat100((900, 0.0), (950, 0.0), (990, 0.0), (500, 0.02))
+    line = p99_verdict({"gaia-uvloop": {"lat100": gaia_slow}, "nginx": {"lat100": nginx}})
+    assert "steal-free passes: **NOT met**" in line, line
+
+
+def test_too_few_steal_free_passes_is_said_not_judged() -> None:
+    gaia = lat100((600, 0.0), (620, 0.0), (5000, 0.02))
+    nginx = lat100((650, 0.0), (7000, 0.03), (8000, 0.05))
+    line = p99_verdict({"gaia-uvloop": {"lat100": gaia}, "nginx": {"lat100": nginx}})
+    assert "**not measurable in this run**: only 2 / 1 passes were steal-free" in line, line
+    assert "met" not in line.replace("measurable", ""), line
+
+
+def test_without_nginx_the_p99_bar_is_not_measured() -> None:
+    gaia = lat100((600, 0.0), (620, 0.0), (640, 0.0))
+    line = p99_verdict({"gaia-uvloop": {"lat100": gaia}})
+    assert line.startswith("- p99 @100 conns ≤ nginx's: not measured"), line
+
+
+def test_steal_and_foreign_load_are_read_from_the_proxys_cpu() -> None:
+    def window(**over: Any) -> dict[str, Any]:
+        r = {
+            "cpu_busy": {"cpu0": 0.50, "cpu1": 0.70},
+            "cpu_steal": {"cpu0": 0.03, "cpu1": 0.01},
+            "proxy_cpu_util": 0.30,
+            "backend_cpu_util": 0.20,
+            "loadgen_cpu_util": 0.40,
+        }
+        r.update(over)
+        return r
+
+    gaia, direct = run.Target("gaia-uvloop"), run.Target("direct")
+
+    r = window()  # the usual pinning: the proxy alone on CPU 0
+    run.add_foreign_load(r, gaia, 0)
+    assert r["steal_proxy"] == 0.03
+    assert r["foreign_cpu"] == pytest.approx({"cpu0": 0.50 - 0.30, "cpu1": 0.70 - 0.60})
+
+    # --proxy-cpu 1: everything of ours is on CPU 1, so CPU 0's load is someone else's
+    r = window(cpu_busy={"cpu0": 0.50, "cpu1": 0.95})
+    run.add_foreign_load(r, gaia, 1)
+    assert r["steal_proxy"] == 0.01
+    assert r["foreign_cpu"]["cpu0"] == 0.50
+    assert r["foreign_cpu"]["cpu1"] == pytest.approx(0.95 - 0.30 - 0.60)
+
+    r = window()  # direct has no proxy: a stall on either CPU counts
+    run.add_foreign_load(r, direct, 0)
+    assert r["steal_proxy"] == 0.03
+
+    r = window()  # unpinned: the worst CPU
+    run.add_foreign_load(r, gaia, None)
+    assert r["steal_proxy"] == 0.03
+    assert set(r["foreign_cpu"]) == {"all"}
+
+
+def test_latency_passes_per_rep() -> None:
+    assert run.lat_passes(run.FULL, "lat1") == (4, 3)
+    assert run.lat_passes(run.FULL, "lat100") == (4, 1)
+    assert run.lat_passes(run.QUICK, "lat1") == (1, 1)
+    assert run.lat_passes(run.QUICK, "lat100") == (1, 1)
