@@ -347,3 +347,31 @@ def test_pyjwt_would_refuse_the_confusion_key_anyway() -> None:
     # Documents why the test above builds the token by hand.
     with pytest.raises(jwt.InvalidKeyError):
         jwt.encode(claims(), public_pem("a"), algorithm="HS256")
+
+
+def test_a_warm_header_cache_changes_no_verdict() -> None:
+    # Every case again on one authenticator that has already verified a token with the same
+    # header: the header is then taken from its cache, and each verdict must stay the same.
+    auth = hs_authenticator()
+    assert isinstance(auth.verify(token(), NOW), Identity)
+    for name, make_auth, make_token, reason in CASES:
+        if make_auth is not hs_authenticator:
+            continue
+        verdict = auth.verify(make_token(), NOW)
+        if reason is None:
+            assert isinstance(verdict, Identity), name
+        else:
+            assert verdict == AuthFailure(reason), name
+
+
+def test_only_headers_of_verified_tokens_are_remembered_and_at_most_64() -> None:
+    auth = hs_authenticator()
+    for i in range(200):  # distinct headers, wrong key: none may take a slot
+        forged = raw_token({"alg": "HS256", "typ": "JWT", "n": i}, claims(), b"not-the-secret")
+        assert auth.verify(forged, NOW) == AuthFailure("bad signature")
+    assert auth._headers == {}
+    for i in range(100):
+        good = raw_token({"alg": "HS256", "typ": "JWT", "n": i}, claims(), SECRET.encode())
+        assert isinstance(auth.verify(good, NOW), Identity)
+        assert isinstance(auth.verify(good, NOW), Identity)  # again, from the cache or not
+    assert len(auth._headers) == 64

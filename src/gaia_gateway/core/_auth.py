@@ -27,7 +27,6 @@ Every failure is an :class:`AuthFailure` with a short reason that never contains
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import re
@@ -58,6 +57,10 @@ _COMPACT_JWS = re.compile(
     r"([A-Za-z0-9_-]*={0,2})\.([A-Za-z0-9_-]*={0,2})\.([A-Za-z0-9_-]*={0,2})")
 _MALFORMED = "malformed token"
 _INVALID = "invalid token"
+# Parsed JOSE headers of tokens that verified, by their base64url segment. An issuer signs
+# every token with the same header, so after the first token it is not decoded again; only a
+# header that came with a valid signature gets a slot, so junk tokens cannot fill it.
+_HEADER_SLOTS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +189,7 @@ class Authenticator:
                         self.warnings.append(short)
         self._audience = list(config.audience) if config.audience else None
         self._required = tuple(config.required_claims)
+        self._headers: dict[str, dict[str, Any]] = {}
 
     def verify(self, token: str | None, now: float) -> Identity | AuthFailure | NeedKeys:
         if not token:
@@ -196,9 +200,12 @@ class Authenticator:
         if segments is None:
             return AuthFailure(_MALFORMED)
         head, body, sig = segments.groups()
-        header = _json_object(_b64url(head))
+        header = self._headers.get(head)
+        known = header is not None
         if header is None:
-            return AuthFailure(_MALFORMED)
+            header = _json_object(_b64url(head))
+            if header is None:
+                return AuthFailure(_MALFORMED)
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.config.algorithms:
             return AuthFailure("token algorithm not allowed")
@@ -210,6 +217,8 @@ class Authenticator:
         claims = self._decode(head, body, sig, alg, header, key)
         if isinstance(claims, AuthFailure):
             return claims
+        if not known and len(self._headers) < _HEADER_SLOTS:
+            self._headers[head] = header
         return self._check_times(claims, now)
 
     def _decode(self, head: str, body: str, sig: str, alg: str, header: dict[str, Any],
@@ -338,8 +347,9 @@ def _b64url(segment: str) -> bytes | None:
     # encode no byte must be zero, 4 of them after 2 characters of a group, 2 after 3.
     if tail and _B64URL_VALUE[stripped[-1]] & (0x0F if tail == 2 else 0x03):
         return None
-    try:
-        return base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
+    try:  # the alphabet is checked: map it to the standard one, as urlsafe_b64decode does
+        return binascii.a2b_base64(
+            stripped.replace("-", "+").replace("_", "/") + "=" * (-len(stripped) % 4))
     except (binascii.Error, ValueError):
         return None
 
