@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+from urllib.parse import parse_qsl
 
 import pytest
 from wire import (
@@ -25,6 +27,7 @@ from gaia_gateway.core import (
     SendToClient,
     State,
 )
+from gaia_gateway.core._http import query_pairs
 
 
 def refused(req: bytes | list[bytes], status: int, gateway=None, **session_kw):
@@ -335,3 +338,19 @@ def test_malformed_request_reason_does_not_echo_the_token(template: bytes) -> No
     s, resp = refused(template % tok.encode(), 400)
     _no_token_in(s.info(), tok)
     assert tok.encode() not in resp
+
+
+QUERIES = [
+    "", "&", "&&", "=", "a", "a=", "=b", "a=b", "a=b=c", "a&b", "a=1&&b=2&", "token=x&token=y",
+    "a+b=c+d", "a%20b=c%2Bd", "%zz=%4", "e=%C3%A9", "e=%ff%fe", "x=%", "x=%2", "+=+", "%3D=%26",
+    "a;b=c", "experience=lobby&token=eyJh.eyJz.sig", "k=v#frag", "\ufffd=\ufffd",
+]
+
+
+def test_query_pairs_is_parse_qsl_with_blank_values() -> None:
+    rng = random.Random(6455)
+    alphabet = "ab=&+%2Fx0;\ufffd"
+    generated = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+                 for _ in range(3000)]
+    for query in QUERIES + generated:
+        assert query_pairs(query) == parse_qsl(query, keep_blank_values=True), query

@@ -34,7 +34,6 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import parse_qsl
 
 import h11
 
@@ -58,7 +57,7 @@ from ._frames import (
     Violation,
     build_close,
 )
-from ._http import Upstream, UpstreamAnswer, UpstreamRequest, http_response
+from ._http import Upstream, UpstreamAnswer, UpstreamRequest, http_response, query_pairs
 from ._limits import Limits
 from ._upgrade import (
     UpgradeRefused,
@@ -600,7 +599,7 @@ class Session:
         self._early = early
         if len(self._early) > self.limits.max_early_bytes:  # sent in the request's own chunk
             return self._reject(400, "too much data before the upgrade completed", now)
-        pairs = parse_qsl(query, keep_blank_values=True)
+        pairs = query_pairs(query)
         for name, value in pairs:
             if name == "experience":
                 self.experience = value[:64]
