@@ -8,6 +8,7 @@ harness refuses to judge, and whose CPU a pass's steal is read from.
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,50 @@ def test_latency_passes_per_rep() -> None:
     assert run.lat_passes(run.FULL, "lat100") == (4, 1)
     assert run.lat_passes(run.QUICK, "lat1") == (1, 1)
     assert run.lat_passes(run.QUICK, "lat100") == (1, 1)
+
+
+def saved_run(path: Path, git: str, cpu64: tuple[float, float], hs_cpu: float,
+              p99s: tuple[tuple[tuple[float, float], ...], tuple[tuple[float, float], ...]]
+              ) -> str:
+    """A --json file as run.py writes it, with only the fields the bars read."""
+    gaia_p99, nginx_p99 = p99s
+    results = {
+        "gaia-uvloop": {"tput64": [{"cpu_us_per_msg": cpu64[0]}],
+                        "connect": [{"cpu_ms_per_handshake": hs_cpu}],
+                        "lat100": lat100(*gaia_p99)},
+        "nginx": {"tput64": [{"cpu_us_per_msg": cpu64[1]}],
+                  "connect": [{"cpu_ms_per_handshake": 0.3}],
+                  "lat100": lat100(*nginx_p99)},
+    }
+    path.write_text(json.dumps({
+        "machine": {"git": git, "date": "2026-11-26 08:00 UTC", "loadavg": "1 1 1"},
+        "elapsed_s": 580, "results": results,
+    }))
+    return str(path)
+
+
+def test_over_runs_judges_the_median_and_pools_the_steal_free_passes(tmp_path: Path) -> None:
+    calm = ((600, 0.0), (620, 0.0))  # two steal-free passes a run: no run judges p99 alone
+    paths = [
+        saved_run(tmp_path / "a.json", "abc1234", (4.0, 2.5), 1.06,
+                  (calm + ((9000, 0.03),), ((650, 0.0), (660, 0.0)))),
+        saved_run(tmp_path / "b.json", "abc1234", (3.6, 2.5), 0.95,
+                  (calm, ((640, 0.0), (5000, 0.02)))),
+        saved_run(tmp_path / "c.json", "abc1234", (3.5, 2.5), 0.97, (calm, ((700, 0.0),))),
+    ]
+    text = run.over_runs(paths)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()
+            if line.startswith("| ")}
+    # 64 B: 1.60, 1.44, 1.40 -> median 1.44, met although one run was over the bar
+    assert rows["CPU/msg 64 B ≤ 1.5× nginx"].endswith(
+        "| 1.60 | 1.44 | 1.40 | 1.44 | **met** (3 runs) |"), rows
+    assert rows["handshake ≤ 1 ms proxy CPU"].endswith(
+        "| 1.060 | 0.950 | 0.970 | 0.970 | **met** (3 runs) |")
+    # each run had too few steal-free passes; pooled: gaia 6 at 600/620, nginx 4 at 640-700
+    assert rows["p99 @100 conns ≤ nginx's"].endswith("| — | — | — | — | not measured |")
+    assert ("steal-free passes of all 3 runs pooled: **met** — 0.93; 610.0 vs 655.0 µs over "
+            "6 / 4 passes") in text
+    assert "different commits" not in text
+
+    other = saved_run(tmp_path / "d.json", "def5678", (4.0, 2.5), 1.2, (calm, calm))
+    assert "different commits (abc1234, def5678)" in run.over_runs(paths + [other])

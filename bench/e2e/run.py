@@ -991,7 +991,17 @@ def main() -> int:
         help="the memory run: --scenarios idle --idle-conns 9000 --idle-hold 60 --reps 1, "
         f"targets {','.join(MEMORY_TARGETS)} unless --targets is given (~6 min)",
     )
+    ap.add_argument(
+        "--over-runs",
+        nargs="+",
+        metavar="FILE",
+        help="run nothing: print the bars of these saved runs (--json files) side by side, "
+        "judged on their median",
+    )
     args = ap.parse_args()
+    if args.over_runs:
+        print(over_runs(args.over_runs), end="")
+        return 0
 
     cfg: dict[str, Any] = dict(QUICK if args.quick else FULL)
     if args.memory:
@@ -1294,61 +1304,76 @@ def _r(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
+class Bar:
+    """One of the issue's bars as measured in one run: a value against a limit.
+
+    ``note`` replaces the verdict when the run cannot judge the bar (too few steal-free
+    passes, the memory bar below its scale); ``ok`` overrides the comparison (memory: also
+    every connection answering).
+    """
+
+    def __init__(self, key: str, label: str, value: float | None, limit: float, le: bool,
+                 detail: str, *, note: str | None = None, ok: bool | None = None) -> None:
+        self.key, self.label, self.value, self.limit, self.le = key, label, value, limit, le
+        self.detail, self.note, self.ok = detail, note, ok
+
+    def met(self, value: float | None = None) -> bool | None:
+        v = self.value if value is None else value
+        if v is None:
+            return None
+        if self.ok is not None and value is None:
+            return self.ok
+        return v <= self.limit if self.le else v >= self.limit
+
+    def line(self) -> str:
+        if self.note is not None:
+            return f"- {self.label}: {self.note}"
+        if self.value is None:
+            return f"- {self.label}: not measured ({self.detail})"
+        verdict = "met" if self.met() else "NOT met"
+        if self.ok is not None:
+            return f"- {self.label}: **{verdict}** — {self.detail}"
+        return (
+            f"- {self.label}: **{verdict}** — {self.value:.2f} "
+            f"({'≤' if self.le else '≥'} {self.limit:g} wanted); {self.detail}"
+        )
+
+
 def verdicts(summary: dict[str, dict[str, float | None]], results: dict[str, Any]) -> list[str]:
     """The issue's bars, gaia-uvloop (one process, pinned like nginx's one worker) vs nginx."""
+    return [b.line() for b in bars(summary, results)]
+
+
+def bars(summary: dict[str, dict[str, float | None]], results: dict[str, Any]) -> list[Bar]:
     g = summary.get("gaia-uvloop")
     if not g:
         return []
     n = summary.get("nginx", {})
     d = summary.get("direct", {})
     a = summary.get("gaia-asyncio", {})
-    out: list[str] = []
+    out: list[Bar] = []
 
-    def line(label: str, val: float | None, bar: float, le: bool, detail: str) -> None:
-        if val is None:
-            out.append(f"- {label}: not measured ({detail})")
-            return
-        ok = val <= bar if le else val >= bar
-        out.append(
-            f"- {label}: **{'met' if ok else 'NOT met'}** — {val:.2f} "
-            f"({'≤' if le else '≥'} {bar:g} wanted); {detail}"
-        )
+    def cpu(key: str, label: str) -> None:
+        out.append(Bar(
+            key, f"CPU/msg {label} ≤ 1.5× nginx", _r(g.get(key), n.get(key)), 1.5, True,
+            f"{fmt(g.get(key), 2)} vs {fmt(n.get(key), 2)} µs/msg",
+        ))
 
-    line(
-        "CPU/msg 64 B ≤ 1.5× nginx",
-        _r(g.get("cpu64"), n.get("cpu64")),
-        1.5,
-        True,
-        f"{fmt(g.get('cpu64'), 2)} vs {fmt(n.get('cpu64'), 2)} µs/msg",
-    )
-    line(
-        "CPU/msg 64 B, one write per message ≤ 1.5× nginx",
-        _r(g.get("cpu64w"), n.get("cpu64w")),
-        1.5,
-        True,
-        f"{fmt(g.get('cpu64w'), 2)} vs {fmt(n.get('cpu64w'), 2)} µs/msg",
-    )
-    line(
-        "CPU/msg 16 KiB ≤ 1.5× nginx",
-        _r(g.get("cpu16k"), n.get("cpu16k")),
-        1.5,
-        True,
-        f"{fmt(g.get('cpu16k'), 2)} vs {fmt(n.get('cpu16k'), 2)} µs/msg",
-    )
+    cpu("cpu64", "64 B")
+    cpu("cpu64w", "64 B, one write per message")
+    cpu("cpu16k", "16 KiB")
 
     def added(s: dict[str, float | None]) -> float | None:
         p50, base = s.get("p50"), d.get("p50")
         return None if p50 is None or base is None else p50 - base
 
     ga, n_a = added(g), added(n)
-    line(
-        "added p50 @1 conn ≤ 1.25× nginx's",
-        _r(ga, n_a) if n_a and n_a > 0 else None,
-        1.25,
-        True,
+    out.append(Bar(
+        "added_p50", "added p50 @1 conn ≤ 1.25× nginx's",
+        _r(ga, n_a) if n_a and n_a > 0 else None, 1.25, True,
         f"added {fmt(ga)} vs {fmt(n_a)} µs (p50 {fmt(g.get('p50'))} / {fmt(n.get('p50'))} / "
         f"direct {fmt(d.get('p50'))} µs)",
-    )
+    ))
     # A pass in which the hypervisor took the proxy's CPU measures that stall, not the proxy
     # (CALM_STEAL): the bar is judged on the steal-free passes, if both have enough of them.
     gn, nn = g.get("n_100_calm") or 0, n.get("n_100_calm") or 0
@@ -1358,35 +1383,28 @@ def verdicts(summary: dict[str, dict[str, float | None]], results: dict[str, Any
         f"{fmt(pct(g.get('steal_100')))} % / {fmt(pct(n.get('steal_100')))} %"
     )
     if gn >= MIN_CALM and nn >= MIN_CALM:
-        line(
-            "p99 @100 conns ≤ nginx's, steal-free passes",
-            _r(g.get("p99_100_calm"), n.get("p99_100_calm")),
-            1.0,
-            True,
+        out.append(Bar(
+            "p99_100", "p99 @100 conns ≤ nginx's, steal-free passes",
+            _r(g.get("p99_100_calm"), n.get("p99_100_calm")), 1.0, True,
             f"{fmt(g.get('p99_100_calm'))} vs {fmt(n.get('p99_100_calm'))} µs over {gn} / {nn} "
             f"steal-free passes; {every}",
-        )
+        ))
     elif g.get("n_100") and n.get("n_100"):
-        out.append(
-            f"- p99 @100 conns ≤ nginx's: **not measurable in this run**: only {gn} / {nn} "
-            f"passes were steal-free ({MIN_CALM} each wanted); {every}"
-        )
+        out.append(Bar(
+            "p99_100", "p99 @100 conns ≤ nginx's", None, 1.0, True, every,
+            note=f"**not measurable in this run**: only {gn} / {nn} passes were steal-free "
+            f"({MIN_CALM} each wanted); {every}",
+        ))
     else:
-        line("p99 @100 conns ≤ nginx's", None, 1.0, True, every)
-    line(
-        "throughput 16 KiB ≥ nginx's (64k buffers)",
-        _r(g.get("mb16k"), n.get("mb16k")),
-        1.0,
-        False,
-        f"{fmt(g.get('mb16k'), 0)} vs {fmt(n.get('mb16k'), 0)} MB/s",
-    )
-    line(
-        "handshake ≤ 1 ms proxy CPU",
-        g.get("hs_cpu"),
-        1.0,
-        True,
+        out.append(Bar("p99_100", "p99 @100 conns ≤ nginx's", None, 1.0, True, every))
+    out.append(Bar(
+        "mb16k", "throughput 16 KiB ≥ nginx's (64k buffers)", _r(g.get("mb16k"), n.get("mb16k")),
+        1.0, False, f"{fmt(g.get('mb16k'), 0)} vs {fmt(n.get('mb16k'), 0)} MB/s",
+    ))
+    out.append(Bar(
+        "hs_cpu", "handshake ≤ 1 ms proxy CPU", g.get("hs_cpu"), 1.0, True,
         f"{fmt(g.get('hs_cpu'), 3)} ms (nginx {fmt(n.get('hs_cpu'), 3)} ms, no JWT check there)",
-    )
+    ))
     idle = [r for r in results.get("gaia-uvloop", {}).get("idle", []) if r and "error" not in r]
     if idle:
         r = idle[-1]
@@ -1397,27 +1415,94 @@ def verdicts(summary: dict[str, dict[str, float | None]], results: dict[str, Any
             f"{fmt(kb, 2)} KB ({fmt(r.get('kib_per_conn'), 2)} KiB) per conn with {r['opened']} held "
             f"{r.get('hold_s', 0):g} s, {r['answered']}/{r['conns']} answering afterwards"
         )
+        label = "≤ 10 KB RSS/idle conn, 9,000 held 1 min, all answering"
         if not at_scale:
-            out.append(
-                f"- ≤ 10 KB RSS/idle conn, 9,000 held 1 min, all answering: not tested at that scale "
-                f"here ({detail}); see the memory run (--memory)"
-            )
+            out.append(Bar(
+                "kb_conn_small", label, kb, 10, True, detail,
+                note=f"not tested at that scale here ({detail}); see the memory run (--memory)",
+            ))
         else:
-            ok = kb is not None and kb <= 10 and all_ok
-            out.append(
-                f"- ≤ 10 KB RSS/idle conn, 9,000 held 1 min, all answering: "
-                f"**{'met' if ok else 'NOT met'}** — {detail}"
-            )
+            out.append(Bar("kb_conn", label, kb, 10, True, detail,
+                           ok=kb is not None and kb <= 10 and all_ok))
     if a:
         for key, label in (("cpu64", "64 B"), ("cpu64w", "64 B 1 write/msg"), ("cpu16k", "16 KiB")):
-            line(
-                f"asyncio transport CPU/msg {label} ≤ 2× uvloop's",
-                _r(a.get(key), g.get(key)),
-                2.0,
-                True,
+            out.append(Bar(
+                f"asyncio_{key}", f"asyncio transport CPU/msg {label} ≤ 2× uvloop's",
+                _r(a.get(key), g.get(key)), 2.0, True,
                 f"{fmt(a.get(key), 2)} vs {fmt(g.get(key), 2)} µs/msg",
-            )
+            ))
     return out
+
+
+def over_runs(paths: list[str]) -> str:
+    """The bars of several saved runs (--json files) side by side, judged on their median.
+
+    One run's ratio of two noisy figures moves with the host (bench/RESULTS.md); the median
+    over runs of the same code does much less. The p99 bar pools the steal-free passes of all
+    the runs, each proxy's median over them.
+    """
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    per_run: list[dict[str, Bar]] = []
+    order: list[str] = []
+    labels: dict[str, Bar] = {}
+    for r in runs:
+        found = {b.key: b for b in bars(summarize(r["results"]), r["results"])}
+        per_run.append(found)
+        for key, b in found.items():
+            if key not in labels:
+                order.append(key)
+                labels[key] = b
+    codes = sorted({r["machine"].get("git", "?") for r in runs})
+    out = [f"## The issue's bars over {len(runs)} runs: gaia-uvloop vs nginx", ""]
+    if len(codes) > 1:
+        out.append(f"**These runs are of different commits ({', '.join(codes)}): the median "
+                   "means something only if src/ is the same in all of them.**")
+        out.append("")
+    out += ["| run | file | code | date | load avg | run time |", "|---|---|---|---|---|---|"]
+    for i, (path, r) in enumerate(zip(paths, runs, strict=True), 1):
+        m = r["machine"]
+        out.append(f"| {i} | `{path}` | {m.get('git', '?')} | {m.get('date', '?')} | "
+                   f"{m.get('loadavg', '?')} | {r.get('elapsed_s', 0):.0f} s |")
+    head = " | ".join(str(i) for i in range(1, len(runs) + 1))
+    out += ["", f"| bar | {head} | median | verdict on the median |",
+            "|---" * (len(runs) + 3) + "|"]
+    for key in order:
+        b = labels[key]
+        if key == "kb_conn_small":
+            continue  # below the bar's scale: the memory run's line is the one to read
+        vals = [found[key].value if key in found and found[key].note is None else None
+                for found in per_run]
+        cells = " | ".join(fmt(v, 3 if key == "hs_cpu" else 2) for v in vals)
+        got = [v for v in vals if v is not None]
+        m = med(got)
+        if m is None:
+            verdict = "not measured"
+        elif key == "kb_conn":
+            answered = all(found[key].ok for found in per_run if key in found)
+            verdict = "**met**" if m <= b.limit and answered else "**NOT met**"
+        else:
+            verdict = f"**{'met' if b.met(m) else 'NOT met'}** ({len(got)} runs)"
+        label = b.label.replace(", steal-free passes", ", steal-free passes of each run")
+        out.append(f"| {label} | {cells} | {fmt(m, 3 if key == 'hs_cpu' else 2)} | {verdict} |")
+
+    def calm(name: str) -> list[float]:
+        return [p["p99"] for r in runs for p in r["results"].get(name, {}).get("lat100", [])
+                if p and "error" not in p and p.get("steal_proxy", 1.0) < CALM_STEAL]
+
+    gp, np_ = calm("gaia-uvloop"), calm("nginx")
+    out.append("")
+    if len(gp) >= MIN_CALM and len(np_) >= MIN_CALM:
+        ratio_ = _r(med(gp), med(np_))
+        ok = ratio_ is not None and ratio_ <= 1.0
+        out.append(
+            f"- p99 @100 conns ≤ nginx's, steal-free passes of all {len(runs)} runs pooled: "
+            f"**{'met' if ok else 'NOT met'}** — {fmt(ratio_, 2)}; {fmt(med(gp))} vs "
+            f"{fmt(med(np_))} µs over {len(gp)} / {len(np_)} passes"
+        )
+    else:
+        out.append(f"- p99 @100 conns, pooled: only {len(gp)} / {len(np_)} steal-free passes "
+                   f"({MIN_CALM} each wanted)")
+    return "\n".join(out) + "\n"
 
 
 def scaling(summary: dict[str, dict[str, float | None]]) -> list[str]:
