@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -157,3 +158,23 @@ def test_over_runs_judges_the_median_and_pools_the_steal_free_passes(tmp_path: P
 
     other = saved_run(tmp_path / "d.json", "def5678", (4.0, 2.5), 1.2, (calm, calm))
     assert "different commits (abc1234, def5678)" in run.over_runs(paths + [other])
+
+
+def test_over_runs_accepts_commits_that_share_their_src_tree(tmp_path: Path) -> None:
+    # A bench-only commit between two runs leaves src/ as it was: the same git tree.
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    full, short, tree = git("rev-parse", "HEAD"), git("rev-parse", "--short", "HEAD"), git(
+        "rev-parse", "--short", "HEAD:src")
+    calm = ((600, 0.0), (620, 0.0), (640, 0.0))
+    paths = [saved_run(tmp_path / f"{i}.json", rev, (4.0, 2.5), 0.9, (calm, calm))
+             for i, rev in enumerate((full, short))]
+    text = run.over_runs(paths)
+    assert f"all with the same `src/` (git tree {tree})" in text, text
+    modified = saved_run(tmp_path / "m.json", f"{short} (src/ modified)", (4.0, 2.5), 0.9,
+                         (calm, calm))
+    assert "whose `src/` differs or is unknown here" in run.over_runs(paths + [modified])

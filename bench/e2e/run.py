@@ -1434,6 +1434,15 @@ def bars(summary: dict[str, dict[str, float | None]], results: dict[str, Any]) -
     return out
 
 
+def src_tree(git: str) -> str | None:
+    """The git tree of ``src/`` at a run's recorded commit; None if modified or unknown here."""
+    if not git or "modified" in git or git == "?":
+        return None
+    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", f"{git}:src"],
+                       check=False, capture_output=True, text=True)
+    return (r.stdout.strip() or None) if r.returncode == 0 else None
+
+
 def over_runs(paths: list[str]) -> str:
     """The bars of several saved runs (--json files) side by side, judged on their median.
 
@@ -1455,8 +1464,14 @@ def over_runs(paths: list[str]) -> str:
     codes = sorted({r["machine"].get("git", "?") for r in runs})
     out = [f"## The issue's bars over {len(runs)} runs: gaia-uvloop vs nginx", ""]
     if len(codes) > 1:
-        out.append(f"**These runs are of different commits ({', '.join(codes)}): the median "
-                   "means something only if src/ is the same in all of them.**")
+        trees = {src_tree(c) for c in codes}
+        if len(trees) == 1 and None not in trees:
+            out.append(f"The runs are of commits {', '.join(codes)}, all with the same `src/` "
+                       f"(git tree {trees.pop()}).")
+        else:
+            out.append(f"**These runs are of different commits ({', '.join(codes)}) whose "
+                       "`src/` differs or is unknown here: the median means something only "
+                       "if the gateway's code is the same in all of them.**")
         out.append("")
     out += ["| run | file | code | date | load avg | run time |", "|---|---|---|---|---|---|"]
     for i, (path, r) in enumerate(zip(paths, runs, strict=True), 1):
