@@ -114,8 +114,8 @@ def test_latency_passes_per_rep() -> None:
 
 
 def saved_run(path: Path, git: str, cpu64: tuple[float, float], hs_cpu: float,
-              p99s: tuple[tuple[tuple[float, float], ...], tuple[tuple[float, float], ...]]
-              ) -> str:
+              p99s: tuple[tuple[tuple[float, float], ...], tuple[tuple[float, float], ...]],
+              python: str = "/usr/bin/python3.11, Python 3.11.2 (libpython linked in)") -> str:
     """A --json file as run.py writes it, with only the fields the bars read."""
     gaia_p99, nginx_p99 = p99s
     results = {
@@ -127,7 +127,8 @@ def saved_run(path: Path, git: str, cpu64: tuple[float, float], hs_cpu: float,
                   "lat100": lat100(*nginx_p99)},
     }
     path.write_text(json.dumps({
-        "machine": {"git": git, "date": "2026-11-26 08:00 UTC", "loadavg": "1 1 1"},
+        "machine": {"git": git, "date": "2026-11-26 08:00 UTC", "loadavg": "1 1 1",
+                    "proxy_python": python},
         "elapsed_s": 580, "results": results,
     }))
     return str(path)
@@ -156,6 +157,7 @@ def test_over_runs_judges_the_median_and_pools_the_steal_free_passes(tmp_path: P
     assert ("steal-free passes of all 3 runs pooled: **met** — 0.93; 610.0 vs 655.0 µs over "
             "6 / 4 passes") in text
     assert "different commits" not in text
+    assert "The Python proxies ran on /usr/bin/python3.11, Python 3.11.2" in text
 
     other = saved_run(tmp_path / "d.json", "def5678", (4.0, 2.5), 1.2, (calm, calm))
     assert "different commits (abc1234, def5678)" in run.over_runs(paths + [other])
@@ -179,3 +181,24 @@ def test_over_runs_accepts_commits_that_share_their_src_tree(tmp_path: Path) -> 
     modified = saved_run(tmp_path / "m.json", f"{short} (src/ modified)", (4.0, 2.5), 0.9,
                          (calm, calm))
     assert "whose `src/` differs or is unknown here" in run.over_runs(paths + [modified])
+
+
+def test_over_runs_flags_runs_of_different_interpreters(tmp_path: Path) -> None:
+    calm = ((600, 0.0), (620, 0.0), (640, 0.0))
+    paths = [saved_run(tmp_path / f"{i}.json", "abc1234", (4.0, 2.5), 0.9, (calm, calm),
+                       python=py)
+             for i, py in enumerate(("/usr/bin/python3.11, Python 3.11.2 (libpython linked in)",
+                                     "/opt/py/bin/python, Python 3.11.7 (libpython shared)"))]
+    text = run.over_runs(paths)
+    assert "on different interpreters" in text, text
+    assert "Python 3.11.7 (libpython shared)" in text
+
+
+def test_python_build_describes_the_interpreter_it_runs() -> None:
+    import platform
+
+    text = run.python_build(sys.executable)
+    assert text.startswith(f"{sys.executable}, Python {platform.python_version()} (")
+    maps = Path("/proc/self/maps").read_text()
+    assert ("libpython shared" if "/libpython" in maps else "libpython linked in") in text
+    assert run.python_build("/nonexistent/python").endswith("(not runnable)")

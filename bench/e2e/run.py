@@ -439,12 +439,13 @@ def gaia_env() -> dict[str, str]:
     return env
 
 
-def available(name: str) -> tuple[bool, str]:
+def available(name: str, python: str) -> tuple[bool, str]:
+    """Can ``name`` run here, with ``python`` running the Python proxies?"""
     if name == "direct":
         return True, ""
     if name.startswith("gaia-"):
         r = subprocess.run(
-            [sys.executable, "-c", "import gaia_gateway.__main__"],
+            [python, "-c", "import gaia_gateway.__main__"],
             env=gaia_env(),
             check=False,
             capture_output=True,
@@ -455,15 +456,15 @@ def available(name: str) -> tuple[bool, str]:
             return False, f"gaia_gateway.__main__ not importable with PYTHONPATH=src ({last})"
         if Target(name).loop == "uvloop":
             r = subprocess.run(
-                [sys.executable, "-c", "import uvloop"], check=False, capture_output=True
+                [python, "-c", "import uvloop"], check=False, capture_output=True
             )
             if r.returncode != 0:
-                return False, "uvloop not installed"
+                return False, f"uvloop not installed for {python}"
         return True, ""
     if name == "tcp-relay":
-        r = subprocess.run([sys.executable, "-c", "import uvloop"], check=False,
+        r = subprocess.run([python, "-c", "import uvloop"], check=False,
                            capture_output=True)
-        return (True, "") if r.returncode == 0 else (False, "uvloop not installed")
+        return (True, "") if r.returncode == 0 else (False, f"uvloop not installed for {python}")
     if name == "nginx":
         return (
             (True, "")
@@ -472,7 +473,7 @@ def available(name: str) -> tuple[bool, str]:
         )
     if name == "old":
         r = subprocess.run(
-            [sys.executable, "-c", "import fastapi, uvicorn, websockets, jwt, uvloop"],
+            [python, "-c", "import fastapi, uvicorn, websockets, jwt, uvloop"],
             check=False,
             capture_output=True,
             text=True,
@@ -480,7 +481,8 @@ def available(name: str) -> tuple[bool, str]:
         if r.returncode != 0:
             return (
                 False,
-                "needs fastapi, uvicorn[standard], websockets, pyjwt (pip install -e '.[bench]')",
+                f"needs fastapi, uvicorn[standard], websockets, pyjwt ({python} -m pip install "
+                "-e '.[bench]')",
             )
         return True, ""
     return False, "unknown target"
@@ -496,10 +498,11 @@ def start_target(t: Target, ctx: dict[str, Any]) -> None:
     upstream = f"ws://127.0.0.1:{ctx['backend_port']}{WS_PATH}"
     cpu = ctx["proxy_cpu"] if t.pinned else None
     env = None
+    python = ctx["python"]
     if t.name.startswith("gaia-"):
         loop = t.loop
         cmd = [
-            sys.executable,
+            python,
             "-m",
             "gaia_gateway",
             "--host",
@@ -544,7 +547,7 @@ def start_target(t: Target, ctx: dict[str, Any]) -> None:
         ]
     elif t.name == "tcp-relay":
         cmd = [
-            sys.executable,
+            python,
             str(HERE / "tcp_relay.py"),
             "--port",
             str(t.port),
@@ -553,7 +556,7 @@ def start_target(t: Target, ctx: dict[str, Any]) -> None:
         ]
     elif t.name == "old":
         cmd = [
-            sys.executable,
+            python,
             str(HERE / "old_gateway.py"),
             "--host",
             "127.0.0.1",
@@ -901,7 +904,38 @@ def render(summary: dict[str, dict[str, float | None]], targets: list[str]) -> s
     return "\n".join(lines)
 
 
-def machine_info() -> dict[str, str]:
+_BUILD_SRC = """
+import platform, sys, sysconfig
+args = sysconfig.get_config_var("CONFIG_ARGS") or ""
+try:  # what this executable loaded: Debian's links libpython in although its sysconfig says shared
+    shared = "/libpython" in open("/proc/self/maps").read()
+except OSError:
+    shared = bool(sysconfig.get_config_var("Py_ENABLE_SHARED"))
+build = ["libpython shared" if shared else "libpython linked in"]
+build += [flag for flag in ("--enable-optimizations", "--with-lto") if flag in args]
+print(sys.executable, platform.python_version(), "; ".join(build), sep="|")
+"""
+
+
+def python_build(python: str) -> str:
+    """An interpreter's path, version and the build choices that change its speed.
+
+    A CPython built without PGO and LTO, and with a shared libpython (pyenv's default),
+    runs the gateway's Python code about a fifth slower than a distribution's build
+    (bench/RESULTS.md): the figure belongs next to every result.
+    """
+    try:
+        r = subprocess.run([python, "-c", _BUILD_SRC], check=False, capture_output=True,
+                           text=True)
+    except OSError:
+        return f"{python} (not runnable)"
+    if r.returncode != 0:
+        return f"{python} (not runnable)"
+    path, version, build = r.stdout.strip().split("|")
+    return f"{path}, Python {version} ({build})"
+
+
+def machine_info(proxy_python: str = sys.executable) -> dict[str, str]:
     model = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
@@ -939,6 +973,7 @@ def machine_info() -> dict[str, str]:
         "cpu": model,
         "kernel": platform.release(),
         "python": platform.python_version(),
+        "proxy_python": python_build(proxy_python),
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
         "git": (git.stdout.strip() or "?") + (" (src/ modified)" if dirty.stdout.strip() else ""),
@@ -973,6 +1008,14 @@ def main() -> int:
         default=0,
         help="CPU the proxy is pinned to (default 0; the backend and the loadgen are on CPU 1, so "
         "1 puts all three on one CPU)",
+    )
+    ap.add_argument(
+        "--python",
+        metavar="PATH",
+        default=sys.executable,
+        help="the interpreter that runs the Python proxies (gaia-*, tcp-relay, old); it needs "
+        "the project and its bench extra installed (default: this one). The echo backend and "
+        "the load generator stay on this one",
     )
     ap.add_argument(
         "--keep-tmp", metavar="DIR", help="copy the temp dir (logs, nginx.conf) to DIR at the end"
@@ -1060,7 +1103,7 @@ def main() -> int:
 
     targets: list[str] = []
     for name in wanted:
-        ok, why = available(name)
+        ok, why = available(name, args.python)
         if ok:
             targets.append(name)
         else:
@@ -1072,7 +1115,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
-    info = machine_info()
+    info = machine_info(args.python)
     command = "python bench/e2e/run.py" + (
         "" if len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:])
     )
@@ -1083,6 +1126,7 @@ def main() -> int:
         "nofile": nofile,
         "nginx_wconns": nginx_wconns,
         "commands": {},
+        "python": args.python,
         "loadgen": LoadgenServer(pin),
     }
     scen = scenarios(cfg)
@@ -1474,6 +1518,12 @@ def over_runs(paths: list[str]) -> str:
                        "`src/` differs or is unknown here: the median means something only "
                        "if the gateway's code is the same in all of them.**")
         out.append("")
+    pythons = sorted({r["machine"].get("proxy_python", "?") for r in runs})
+    if len(pythons) > 1:
+        out += [f"**These runs ran the Python proxies on different interpreters "
+                f"({'; '.join(pythons)}): their median mixes two builds.**", ""]
+    else:
+        out += [f"The Python proxies ran on {pythons[0]}.", ""]
     out += ["| run | file | code | date | load avg | run time |", "|---|---|---|---|---|---|"]
     for i, (path, r) in enumerate(zip(paths, runs, strict=True), 1):
         m = r["machine"]
@@ -1575,6 +1625,7 @@ def report(
             f"Python {info['python']}, {info['date']}"
         ),
         f"- code: git {info['git']}; {info['versions']}",
+        f"- the Python proxies ran on {info.get('proxy_python', 'this interpreter')}",
         f"- load average at start: {info['loadavg']}; 1-min load average sampled at each step: "
         + (
             f"min {min(LOADAVG):.2f}, median {statistics.median(LOADAVG):.2f}, max {max(LOADAVG):.2f}"
