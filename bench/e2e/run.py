@@ -2,7 +2,7 @@
 
     python bench/e2e/run.py [--quick] [--reps N] [--targets a,b] [--scenarios x,y]
                             [--idle-conns M] [--idle-hold H] [--json FILE]
-                            [--no-pin | --proxy-cpu 0|1]
+                            [--no-pin | --proxy-cpu 0|1] [--python PATH]
     python bench/e2e/run.py --memory      # 9,000 idle connections held 60 s (~6 min)
 
 Starts a picows echo backend (bench/e2e/echo_picows.py), the proxies under
@@ -22,6 +22,12 @@ CPU 1 (taskset). --proxy-cpu 1 puts the proxy on CPU 1 with them. --no-pin runs
 everything unpinned. gaia-uvloop-w2 is never pinned (the point is to use both
 cores), so it shares CPU 1 with the loadgen and the backend; its CPU figures
 sum the parent and all workers.
+
+Interpreter: the Python proxies (gaia-*, tcp-relay, old) run on --python
+(default: the harness's own interpreter), which needs the project's bench extra;
+the backend and the loadgen stay on the harness's. The header names the
+interpreter and how it was built: a CPython without PGO and LTO (pyenv's
+default) runs the gateway's Python markedly slower (bench/RESULTS.md).
 
 p99 at 100 connections: each pass records the steal time (/proc/stat) on the
 proxy's CPU. The bar is judged on the passes with (almost) none; the table
@@ -928,8 +934,8 @@ def python_build(python: str) -> str:
         r = subprocess.run([python, "-c", _BUILD_SRC], check=False, capture_output=True,
                            text=True)
     except OSError:
-        return f"{python} (not runnable)"
-    if r.returncode != 0:
+        r = None
+    if r is None or r.returncode != 0:
         return f"{python} (not runnable)"
     path, version, build = r.stdout.strip().split("|")
     return f"{path}, Python {version} ({build})"
@@ -943,9 +949,9 @@ def machine_info(proxy_python: str = sys.executable) -> dict[str, str]:
                 model = line.split(":", 1)[1].strip()
                 break
 
-    def ver(mod: str) -> str:
+    def ver(mod: str, python: str = proxy_python) -> str:
         r = subprocess.run(
-            [sys.executable, "-c", f"import importlib.metadata as m; print(m.version('{mod}'))"],
+            [python, "-c", f"import importlib.metadata as m; print(m.version('{mod}'))"],
             check=False,
             capture_output=True,
             text=True,
@@ -977,7 +983,7 @@ def machine_info(proxy_python: str = sys.executable) -> dict[str, str]:
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
         "git": (git.stdout.strip() or "?") + (" (src/ modified)" if dirty.stdout.strip() else ""),
-        "versions": f"picows {ver('picows')}, uvloop {ver('uvloop')}, nginx {nginx_v}, uvicorn {ver('uvicorn')}, "
+        "versions": f"picows {ver('picows', sys.executable)}, uvloop {ver('uvloop')}, nginx {nginx_v}, uvicorn {ver('uvicorn')}, "
         f"fastapi {ver('fastapi')}, websockets {ver('websockets')}",
     }
 
@@ -1050,6 +1056,8 @@ def main() -> int:
     if args.over_runs:
         print(over_runs(args.over_runs), end="")
         return 0
+    if python_build(args.python).endswith("(not runnable)"):
+        ap.error(f"--python {args.python}: cannot run it")
 
     cfg: dict[str, Any] = dict(QUICK if args.quick else FULL)
     if args.memory:
