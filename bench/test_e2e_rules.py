@@ -193,6 +193,15 @@ def test_over_runs_flags_runs_of_different_interpreters(tmp_path: Path) -> None:
     assert "on different interpreters" in text, text
     assert "Python 3.11.7 (libpython shared)" in text
 
+    # runs saved before --python existed name no interpreter: nothing is claimed for them
+    for path in paths:
+        saved = json.loads(Path(path).read_text())
+        del saved["machine"]["proxy_python"]
+        Path(path).write_text(json.dumps(saved))
+    text = run.over_runs(paths)
+    assert "Python proxies ran on" not in text, text
+    assert "different interpreters" not in text, text
+
 
 def test_python_build_describes_the_interpreter_it_runs() -> None:
     import platform

@@ -1526,11 +1526,12 @@ def over_runs(paths: list[str]) -> str:
                        "`src/` differs or is unknown here: the median means something only "
                        "if the gateway's code is the same in all of them.**")
         out.append("")
-    pythons = sorted({r["machine"].get("proxy_python", "?") for r in runs})
+    # runs saved before --python existed do not say (they ran on the harness's interpreter)
+    pythons = sorted({r["machine"].get("proxy_python", "not recorded") for r in runs})
     if len(pythons) > 1:
         out += [f"**These runs ran the Python proxies on different interpreters "
                 f"({'; '.join(pythons)}): their median mixes two builds.**", ""]
-    else:
+    elif pythons != ["not recorded"]:
         out += [f"The Python proxies ran on {pythons[0]}.", ""]
     out += ["| run | file | code | date | load avg | run time |", "|---|---|---|---|---|---|"]
     for i, (path, r) in enumerate(zip(paths, runs, strict=True), 1):
@@ -1633,7 +1634,7 @@ def report(
             f"Python {info['python']}, {info['date']}"
         ),
         f"- code: git {info['git']}; {info['versions']}",
-        f"- the Python proxies ran on {info.get('proxy_python', 'this interpreter')}",
+        f"- the Python proxies ran on {info['proxy_python']}",
         f"- load average at start: {info['loadavg']}; 1-min load average sampled at each step: "
         + (
             f"min {min(LOADAVG):.2f}, median {statistics.median(LOADAVG):.2f}, max {max(LOADAVG):.2f}"
