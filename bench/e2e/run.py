@@ -941,7 +941,8 @@ def python_build(python: str) -> str:
     return f"{path}, Python {version} ({build})"
 
 
-def machine_info(proxy_python: str = sys.executable) -> dict[str, str]:
+def machine_info(proxy_python: str, proxy_build: str) -> dict[str, str]:
+    """The header's facts; ``proxy_build`` is ``python_build(proxy_python)``, run once."""
     model = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
@@ -979,7 +980,7 @@ def machine_info(proxy_python: str = sys.executable) -> dict[str, str]:
         "cpu": model,
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "proxy_python": python_build(proxy_python),
+        "proxy_python": proxy_build,
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
         "git": (git.stdout.strip() or "?") + (" (src/ modified)" if dirty.stdout.strip() else ""),
@@ -1056,7 +1057,8 @@ def main() -> int:
     if args.over_runs:
         print(over_runs(args.over_runs), end="")
         return 0
-    if python_build(args.python).endswith("(not runnable)"):
+    proxy_build = python_build(args.python)
+    if proxy_build.endswith("(not runnable)"):
         ap.error(f"--python {args.python}: cannot run it")
 
     cfg: dict[str, Any] = dict(QUICK if args.quick else FULL)
@@ -1123,7 +1125,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
-    info = machine_info(args.python)
+    info = machine_info(args.python, proxy_build)
     command = "python bench/e2e/run.py" + (
         "" if len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:])
     )
@@ -1505,15 +1507,12 @@ def over_runs(paths: list[str]) -> str:
     """
     runs = [json.loads(Path(p).read_text()) for p in paths]
     per_run: list[dict[str, Bar]] = []
-    order: list[str] = []
-    labels: dict[str, Bar] = {}
+    labels: dict[str, Bar] = {}  # every bar any run has, in the order they first appear
     for r in runs:
         found = {b.key: b for b in bars(summarize(r["results"]), r["results"])}
         per_run.append(found)
         for key, b in found.items():
-            if key not in labels:
-                order.append(key)
-                labels[key] = b
+            labels.setdefault(key, b)
     codes = sorted({r["machine"].get("git", "?") for r in runs})
     out = [f"## The issue's bars over {len(runs)} runs: gaia-uvloop vs nginx", ""]
     if len(codes) > 1:
@@ -1541,8 +1540,7 @@ def over_runs(paths: list[str]) -> str:
     head = " | ".join(str(i) for i in range(1, len(runs) + 1))
     out += ["", f"| bar | {head} | median | verdict on the median |",
             "|---" * (len(runs) + 3) + "|"]
-    for key in order:
-        b = labels[key]
+    for key, b in labels.items():
         if key == "kb_conn_small":
             continue  # below the bar's scale: the memory run's line is the one to read
         vals = [found[key].value if key in found and found[key].note is None else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import unquote, urlsplit
 
@@ -49,6 +49,9 @@ class Upstream:
     port: int
     path: str
     tls: bool
+    # ``Host: ...`` for the upstream request, encoded on first use: the IDNA codec is slow,
+    # and a route's upstream is one object for the life of the process
+    _host_line: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def url(self) -> str:
@@ -63,14 +66,11 @@ class Upstream:
 
     @property
     def host_line(self) -> bytes:
-        """``Host: ...`` for the upstream request (the IDNA codec is slow: kept per route)."""
-        line = _HOST_LINES.get(self)
+        line = self._host_line
         if line is None:
-            line = _HOST_LINES[self] = b"Host: " + self.host_header.encode("idna")
+            line = b"Host: " + self.host_header.encode("idna")
+            object.__setattr__(self, "_host_line", line)  # frozen: a cache, not a field's value
         return line
-
-
-_HOST_LINES: dict[Upstream, bytes] = {}  # the routes' upstreams: a few, fixed by the config
 
 
 # Control characters have no place in a header value (RFC 9110 5.5).
