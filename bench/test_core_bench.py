@@ -5,7 +5,10 @@
 
 * ``test_relay_feed``: ``FrameRelay.feed`` as the transport's hot path calls it, per direction
   (client->upstream frames are masked, upstream->client are not), for 64 B, 4 KiB and 64 KiB
-  frames, either one frame per chunk or a 256 KiB chunk holding many frames (a busy socket read).
+  frames: one frame per chunk, 16 frames per chunk (what the e2e 64 B load reads at a time), or
+  a 256 KiB chunk holding many frames (a busy socket read).
+* ``test_relay_feed_walk``: 64 B frames, 16 per chunk or 256 KiB chunks, with the batch walk
+  in C (``_speedups``, what the gateway runs where it was built) and in Python (its fallback).
 * ``test_session_relay``: the same through ``Session.receive_client`` / ``receive_upstream``
   (one frame per chunk), i.e. with the action list the transport gets otherwise.
 * ``test_relay_fragmented``: a 16-fragment message with a ping in the middle, in one chunk or
@@ -64,6 +67,8 @@ def _chunk(direction: str, size: int, layout: str) -> tuple[bytes, int]:
     one = _frame(direction, size)
     if layout == "single":
         return one, 1
+    if layout == "read16":
+        return one * 16, 16
     count = max(2, BATCH_BYTES // len(one))
     return one * count, count
 
@@ -72,18 +77,38 @@ def _relay(direction: str) -> FrameRelay:
     return FrameRelay(masked=direction == "c2u", max_message_size=LIMIT)
 
 
-@pytest.mark.parametrize("layout", ["single", "batch"])
+LAYOUTS = {
+    "single": "one frame per chunk",
+    "read16": "16 frames per chunk (the e2e 64 B load's reads)",
+    "batch": "256 KiB chunks",
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("size", list(SIZES), ids=list(SIZES))
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_relay_feed(benchmark, direction: str, size: str, layout: str) -> None:
     chunk, frames = _chunk(direction, SIZES[size], layout)
     relay = _relay(direction)
-    benchmark.group = f"relay, {'one frame per chunk' if layout == 'single' else '256 KiB chunks'}"
+    benchmark.group = f"relay, {LAYOUTS[layout]}"
     benchmark.extra_info.update(frames=frames, bytes=len(chunk))
     out = benchmark(relay.feed, chunk)
     assert out is chunk  # forwarded as is: no copy, no re-encoding
     assert relay.signal is None and not relay.stopped
     assert relay.at_frame_boundary and not relay.mid_message
+    assert relay.messages > 0 and relay.messages % frames == 0
+
+
+@pytest.mark.parametrize("layout", ["read16", "batch"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_relay_feed_walk(benchmark, scan_impl: str, direction: str, layout: str) -> None:
+    chunk, frames = _chunk(direction, SIZES["64B"], layout)
+    relay = _relay(direction)
+    benchmark.group = f"relay, 64 B frames, {LAYOUTS[layout]}: the batch walk in C and in Python"
+    benchmark.extra_info.update(frames=frames, bytes=len(chunk), walk=scan_impl)
+    out = benchmark(relay.feed, chunk)
+    assert out is chunk
+    assert relay.signal is None and relay.at_frame_boundary
     assert relay.messages > 0 and relay.messages % frames == 0
 
 

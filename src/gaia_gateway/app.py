@@ -13,7 +13,15 @@ from collections.abc import Callable
 
 from . import __version__
 from .config import ConfigError, Settings
-from .core import AuthConfig, Authenticator, Gateway, JwksCache, Limits, parse_upstream_url
+from .core import (
+    SPEEDUPS,
+    AuthConfig,
+    Authenticator,
+    Gateway,
+    JwksCache,
+    Limits,
+    parse_upstream_url,
+)
 from .transports import GatewayServer, new_event_loop, resolve_loop
 
 __all__ = ["build_gateway", "run", "serve"]
@@ -123,7 +131,9 @@ async def serve(
     log.info("listening", extra={"fields": {
         "url": f"{scheme}://{settings.host}:{port}", "loop": type(loop).__module__.split(".")[0],
         "routes": ",".join(f"{p}->{u}" for p, u in settings.routes.items()),
-        "pid": os.getpid(), "version": __version__}})
+        "pid": os.getpid(), "version": __version__,
+        # the relay's batch frame walk: "C" (the _speedups module) or "Python" (not built)
+        "frame_walk": SPEEDUPS}})
     if ready is not None:
         ready(server)
     await stop.wait()

@@ -24,6 +24,9 @@ from gaia_gateway.core import CloseFrame, FrameRelay, Violation, build_close, pa
 
 LIMIT = 1024 * 1024
 
+# Every test here runs twice: with the batch walk in C and in Python (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("scan_impl")
+
 
 def relay(masked: bool = True, *, limit: int = LIMIT, deflate: bool = False) -> FrameRelay:
     return FrameRelay(masked=masked, max_message_size=limit,

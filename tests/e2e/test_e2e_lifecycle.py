@@ -28,6 +28,8 @@ from helpers import (
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from gaia_gateway.core import SPEEDUPS
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -129,6 +131,12 @@ def test_cli_subprocess(loop_kind: str, echo: EchoServer) -> None:
     log = stderr.decode("utf-8", "replace")
     assert proc.returncode == 0, log
     assert "listening" in log and "stopped" in log, log
+    # the start line says which frame walk runs: the C one where it was built
+    if log_format == "json":
+        start = next(json.loads(x) for x in log.splitlines() if '"msg":"listening"' in x)
+        assert start["frame_walk"] == SPEEDUPS, start
+    else:
+        assert f" frame_walk={SPEEDUPS}\n" in log, log
     assert "reject" in log and "open" in log, log  # the handshakes were logged...
     assert good not in log and bad not in log  # ...without their tokens
     assert "eyJ" not in log, log

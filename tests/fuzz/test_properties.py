@@ -228,13 +228,21 @@ def test_nothing_is_relayed_to_a_side_after_it_was_closed() -> None:
 
 
 # ------------------------------------------------------------------------- FrameRelay
+# Both tests run with the batch walk in C and in Python (the scan_impl fixture). The fixture
+# holds for the whole test, which is what is wanted here: hence the health check is off.
+RELAY_SETTINGS = settings(
+    SETTINGS,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                           HealthCheck.function_scoped_fixture],
+)
 
 
-@SETTINGS
+@RELAY_SETTINGS
 @given(masked=st.booleans(), compressed=st.booleans(), data=st.data(), cut=cuts,
        limit=st.sampled_from([64, 1 << 20]))
 def test_relay_split_feeding_equals_whole_feeding_on_valid_streams(
-    masked: bool, compressed: bool, data: st.DataObject, cut: list[int], limit: int,
+    scan_impl: str, masked: bool, compressed: bool, data: st.DataObject, cut: list[int],
+    limit: int,
 ) -> None:
     stream = data.draw(valid_streams(masked, compressed))
     rsv_first = 0x40 if compressed else 0
@@ -251,12 +259,13 @@ def test_relay_split_feeding_equals_whole_feeding_on_valid_streams(
     fz.check_relay(stream, chunks, masked=masked, max_message=limit, rsv_first=rsv_first)
 
 
-@SETTINGS
+@RELAY_SETTINGS
 @given(masked=st.booleans(), data=st.data(), cut=cuts,
        rsv=st.sampled_from([(0, 0), (0x40, 0), (0x70, 0x70)]),
        limit=st.sampled_from([16, 64, 125, 1 << 20]))
 def test_relay_split_feeding_equals_whole_feeding_on_any_stream(
-    masked: bool, data: st.DataObject, cut: list[int], rsv: tuple[int, int], limit: int,
+    scan_impl: str, masked: bool, data: st.DataObject, cut: list[int], rsv: tuple[int, int],
+    limit: int,
 ) -> None:
     stream = data.draw(frame_streams(masked))
     fz.check_relay(stream, fz.split(stream, cut), masked=masked, max_message=limit,

@@ -12,7 +12,14 @@ from ._actions import (
     SendToUpstream,
 )
 from ._auth import AuthConfig, Authenticator, AuthFailure, Identity, JwksCache, NeedKeys
-from ._frames import CloseFrame, FrameRelay, Violation, build_close, parse_close_payload
+from ._frames import (
+    SPEEDUPS,
+    CloseFrame,
+    FrameRelay,
+    Violation,
+    build_close,
+    parse_close_payload,
+)
 from ._http import Upstream, parse_upstream_url
 from ._limits import Limits
 from ._session import Gateway, Session, State
@@ -35,6 +42,7 @@ __all__ = [
     "Limits",
     "NeedKeys",
     "Rejected",
+    "SPEEDUPS",
     "SendToClient",
     "SendToUpstream",
     "Session",

@@ -40,6 +40,7 @@ __all__ = [
     "CLOSE_PROTOCOL_ERROR",
     "CloseFrame",
     "FrameRelay",
+    "SPEEDUPS",
     "Violation",
     "build_close",
     "parse_close_payload",
@@ -119,6 +120,38 @@ def build_close(code: int | None, reason: str = "", mask: bytes | None = None) -
     if mask is None:
         return bytes((0x88, len(payload))) + payload
     return bytes((0x88, 0x80 | len(payload))) + mask + _unmask(payload, mask)
+
+
+def _scan_small_py(data: bytes, pos: int, lo: int, hi: int, step: int) -> tuple[int, int]:
+    """Walk small final text/binary frames back to back from ``pos``; ``(pos, count)``.
+
+    A frame matches when its first byte is 0x81 or 0x82 and its second lies in ``[lo, hi]``
+    (the direction's mask bit plus a length up to 125); it is then ``step`` plus its second
+    byte long. The walk stops at the first header that does not match or is incomplete, and
+    the position it returns lies past ``len(data)`` when the last frame is cut.
+    ``_speedups.scan_small`` is this function in C, the one the relay uses when it is built.
+    """
+    count = 0
+    last = len(data) - 1
+    while pos < last:
+        b0 = data[pos]
+        if b0 != 0x82 and b0 != 0x81:
+            break
+        b1 = data[pos + 1]
+        if b1 < lo or b1 > hi:
+            break
+        pos += step + b1
+        count += 1
+    return pos, count
+
+
+try:
+    from ._speedups import scan_small as _scan_small
+except ImportError:  # not built (no C compiler at install time): the same walk in Python
+    _scan_small = _scan_small_py
+
+#: "C" when the relay's batch walk runs in the compiled ``_speedups`` module, else "Python".
+SPEEDUPS = "Python" if _scan_small is _scan_small_py else "C"
 
 
 class FrameRelay:
@@ -270,24 +303,13 @@ class FrameRelay:
         n = len(data)
         expect_mask = self._expect_mask
         # Small final text/binary frames back to back (a batch of game messages in one read)
-        # take this loop: FIN set, RSV clear, the right mask bit, under 126 bytes.
-        # The second byte of such a frame is the mask bit plus a length up to 125, so one
-        # range check covers both; the frame is (2 or 6) + length bytes long.
+        # are walked in one call (in C when built): FIN set, RSV clear, the right mask bit,
+        # under 126 bytes. The second byte of such a frame is the mask bit plus a length up
+        # to 125, so one range check covers both; the frame is (2 or 6) + length bytes long.
+        # The loop below takes whatever that walk stopped at.
         if self._max_message >= 125 and not self._in_message:
-            count = 0
-            last = n - 1
-            lo = expect_mask
-            hi = expect_mask + 125
-            step = (6 if expect_mask else 2) - expect_mask
-            while pos < last:
-                b0 = data[pos]
-                if b0 != 0x82 and b0 != 0x81:
-                    break
-                b1 = data[pos + 1]
-                if b1 < lo or b1 > hi:
-                    break
-                pos += step + b1
-                count += 1
+            pos, count = _scan_small(
+                data, pos, expect_mask, expect_mask + 125, (6 if expect_mask else 2) - expect_mask)
             self.messages += count
         while pos < n:
             left = n - pos
