@@ -210,4 +210,7 @@ def test_python_build_describes_the_interpreter_it_runs() -> None:
     assert text.startswith(f"{sys.executable}, Python {platform.python_version()} (")
     maps = Path("/proc/self/maps").read_text()
     assert ("libpython shared" if "/libpython" in maps else "libpython linked in") in text
+    from gaia_gateway.core import SPEEDUPS
+
+    assert text.endswith(f"; gaia's frame walk in {SPEEDUPS}")
     assert run.python_build("/nonexistent/python").endswith("(not runnable)")

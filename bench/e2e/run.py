@@ -919,12 +919,17 @@ except OSError:
     shared = bool(sysconfig.get_config_var("Py_ENABLE_SHARED"))
 build = ["libpython shared" if shared else "libpython linked in"]
 build += [flag for flag in ("--enable-optimizations", "--with-lto") if flag in args]
-print(sys.executable, platform.python_version(), "; ".join(build), sep="|")
+try:  # gaia's frame walk: C where its _speedups module was built, else Python
+    from gaia_gateway.core import SPEEDUPS as walk
+except Exception:  # noqa: BLE001
+    walk = "?"
+print(sys.executable, platform.python_version(), "; ".join(build), walk, sep="|")
 """
 
 
 def python_build(python: str) -> str:
-    """An interpreter's path, version and the build choices that change its speed.
+    """An interpreter's path, version and the build choices that change its speed, and
+    whether gaia runs its frame walk in C (``_speedups`` built) or in Python.
 
     A CPython built without PGO and LTO, and with a shared libpython (pyenv's default),
     runs the gateway's Python code about a fifth slower than a distribution's build
@@ -937,8 +942,8 @@ def python_build(python: str) -> str:
         r = None
     if r is None or r.returncode != 0:
         return f"{python} (not runnable)"
-    path, version, build = r.stdout.strip().split("|")
-    return f"{path}, Python {version} ({build})"
+    path, version, build, walk = r.stdout.strip().split("|")
+    return f"{path}, Python {version} ({build}); gaia's frame walk in {walk}"
 
 
 def machine_info(proxy_python: str, proxy_build: str) -> dict[str, str]:
