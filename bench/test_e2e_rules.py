@@ -214,3 +214,14 @@ def test_python_build_describes_the_interpreter_it_runs() -> None:
 
     assert text.endswith(f"; gaia's frame walk in {SPEEDUPS}")
     assert run.python_build("/nonexistent/python").endswith("(not runnable)")
+
+
+def test_a_value_that_rounds_to_the_limit_shows_which_side_it_is_on() -> None:
+    bar = run.Bar("p50", "added p50", 1.2546, 1.25, True, "detail")
+    assert bar.line().startswith("- added p50: **NOT met** — 1.255 (≤ 1.25 wanted)")
+    assert run.Bar("p50", "added p50", 1.2504, 1.25, True, "d").value_text() == "1.2504"
+    # on the right side, or clearly off it: two decimals as always
+    assert run.Bar("p50", "added p50", 1.2497, 1.25, True, "d").value_text() == "1.25"
+    assert run.Bar("p50", "added p50", 1.31, 1.25, True, "d").value_text() == "1.31"
+    assert run.Bar("hs", "handshake", 1.0004, 1.0, True, "d").value_text(nd=3) == "1.0004"
+    assert run.Bar("p50", "added p50", None, 1.25, True, "d").value_text() == "—"
