@@ -487,8 +487,8 @@ def available(name: str, python: str) -> tuple[bool, str]:
         if r.returncode != 0:
             return (
                 False,
-                f"needs fastapi, uvicorn[standard], websockets, pyjwt ({python} -m pip install "
-                "-e '.[bench]')",
+                (f"needs fastapi, uvicorn[standard], websockets, pyjwt ({python} -m pip install "
+                 "-e '.[bench]')"),
             )
         return True, ""
     return False, "unknown target"
@@ -1546,8 +1546,8 @@ def over_runs(paths: list[str]) -> str:
     # runs saved before --python existed do not say (they ran on the harness's interpreter)
     pythons = sorted({r["machine"].get("proxy_python", "not recorded") for r in runs})
     if len(pythons) > 1:
-        out += [f"**These runs ran the Python proxies on different interpreters "
-                f"({'; '.join(pythons)}): their median mixes two builds.**", ""]
+        out += [(f"**These runs ran the Python proxies on different interpreters "
+                 f"({'; '.join(pythons)}): their median mixes two builds.**"), ""]
     elif pythons != ["not recorded"]:
         out += [f"The Python proxies ran on {pythons[0]}.", ""]
     out += ["| run | file | code | date | load avg | run time |", "|---|---|---|---|---|---|"]

@@ -25,6 +25,7 @@ from ._limits import Limits
 from ._session import Gateway, Session, State
 
 __all__ = [
+    "SPEEDUPS",
     "Accepted",
     "Action",
     "AuthConfig",
@@ -42,7 +43,6 @@ __all__ = [
     "Limits",
     "NeedKeys",
     "Rejected",
-    "SPEEDUPS",
     "SendToClient",
     "SendToUpstream",
     "Session",

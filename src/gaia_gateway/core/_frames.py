@@ -22,6 +22,12 @@ When the stream must stop (a close frame, or a violation), ``feed`` returns ever
 the offending frame, sets :attr:`FrameRelay.signal` and discards whatever follows. The relay
 never raises on peer bytes.
 
+A read often carries a batch of small frames (game messages sent back to back). Their headers
+are walked by one call, ``_scan_small``: the C function ``_speedups.scan_small`` where that
+module was built, else ``_scan_small_py``, the same walk in Python. It only steps over final
+text and binary frames under 126 bytes with the right mask bit; every rule and everything
+else stays in this module.
+
 UTF-8 of text messages is *not* checked here: like nginx, the gateway leaves message payloads
 to the endpoints (the backend answers 1007), which keeps it transparent and cheap. The size
 limit counts payload bytes as sent, i.e. compressed bytes when permessage-deflate is in use.
@@ -38,9 +44,9 @@ __all__ = [
     "CLOSE_MESSAGE_TOO_BIG",
     "CLOSE_NORMAL",
     "CLOSE_PROTOCOL_ERROR",
+    "SPEEDUPS",
     "CloseFrame",
     "FrameRelay",
-    "SPEEDUPS",
     "Violation",
     "build_close",
     "parse_close_payload",

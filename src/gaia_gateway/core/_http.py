@@ -84,9 +84,9 @@ def query_pairs(query: str) -> list[tuple[str, str]]:
     value that holds ``+`` or ``%`` is decoded, exactly as parse_qsl does.
     """
     pairs = []
-    for field in query.split("&"):
-        if field:
-            name, _, value = field.partition("=")
+    for item in query.split("&"):
+        if item:
+            name, _, value = item.partition("=")
             if "%" in name or "+" in name:
                 name = unquote(name.replace("+", " "))
             if "%" in value or "+" in value:
