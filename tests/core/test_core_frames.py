@@ -24,7 +24,8 @@ from gaia_gateway.core import CloseFrame, FrameRelay, Violation, build_close, pa
 
 LIMIT = 1024 * 1024
 
-# Every test here runs twice: with the batch walk in C and in Python (tests/conftest.py).
+# Every test here runs twice: with the batch walk in C and in Python (the scan_impl fixture
+# of the root conftest.py).
 pytestmark = pytest.mark.usefixtures("scan_impl")
 
 
