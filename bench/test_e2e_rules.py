@@ -225,3 +225,5 @@ def test_a_value_that_rounds_to_the_limit_shows_which_side_it_is_on() -> None:
     assert run.Bar("p50", "added p50", 1.31, 1.25, True, "d").value_text() == "1.31"
     assert run.Bar("hs", "handshake", 1.0004, 1.0, True, "d").value_text(nd=3) == "1.0004"
     assert run.Bar("p50", "added p50", None, 1.25, True, "d").value_text() == "—"
+    # a cell of --over-runs for a run without the bar is empty, not another run's value
+    assert run.Bar("p99_100", "p99", 0.91, 1.0, True, "d").text_for(None) == "—"

@@ -1385,16 +1385,20 @@ class Bar:
         """Whether ``value`` (this run's, or a median over runs) is on the right side."""
         return value <= self.limit if self.le else value >= self.limit
 
-    def value_text(self, value: float | None = None, nd: int = 2) -> str:
-        """``nd`` decimals, or more where ``nd`` would print the limit itself for a value on
-        the wrong side of it ("1.25, NOT met" against a limit of 1.25 reads as a mistake)."""
-        v = self.value if value is None else value
-        if v is None:
+    def value_text(self, nd: int = 2) -> str:
+        """This run's value, as ``text_for`` prints it."""
+        return self.text_for(self.value, nd)
+
+    def text_for(self, value: float | None, nd: int = 2) -> str:
+        """``value`` (this bar's in some run, or a median) with ``nd`` decimals, or more where
+        ``nd`` would print the limit itself for a value on the wrong side of it ("1.25, NOT
+        met" against a limit of 1.25 reads as a mistake); "—" for no value."""
+        if value is None:
             return fmt(None)
-        text = f"{v:.{nd}f}"
-        while float(text) == self.limit and not self.met(v) and nd < 6:
+        text = f"{value:.{nd}f}"
+        while float(text) == self.limit and not self.met(value) and nd < 6:
             nd += 1
-            text = f"{v:.{nd}f}"
+            text = f"{value:.{nd}f}"
         return text
 
     def line(self) -> str:
@@ -1402,8 +1406,7 @@ class Bar:
             return f"- {self.label}: {self.note}"
         if self.value is None:
             return f"- {self.label}: not measured ({self.detail})"
-        met = self.met(self.value) if self.ok is None else self.ok
-        verdict = "met" if met else "NOT met"
+        verdict = "met" if (self.met(self.value) if self.ok is None else self.ok) else "NOT met"
         if self.ok is not None:
             return f"- {self.label}: **{verdict}** — {self.detail}"
         return (
@@ -1564,7 +1567,7 @@ def over_runs(paths: list[str]) -> str:
         vals = [found[key].value if key in found and found[key].note is None else None
                 for found in per_run]
         nd = 3 if key == "hs_cpu" else 2
-        cells = " | ".join(b.value_text(v, nd) for v in vals)
+        cells = " | ".join(b.text_for(v, nd) for v in vals)
         got = [v for v in vals if v is not None]
         m = med(got)
         if key == "p99_100":
@@ -1577,7 +1580,7 @@ def over_runs(paths: list[str]) -> str:
         else:
             verdict = f"**{'met' if b.met(m) else 'NOT met'}** ({len(got)} runs)"
         label = b.label.replace(", steal-free passes", ", steal-free passes of each run")
-        out.append(f"| {label} | {cells} | {b.value_text(m, nd)} | {verdict} |")
+        out.append(f"| {label} | {cells} | {b.text_for(m, nd)} | {verdict} |")
 
     def calm(name: str) -> list[float]:
         passes = [p for r in runs for p in r["results"].get(name, {}).get("lat100", [])

@@ -232,8 +232,7 @@ def test_nothing_is_relayed_to_a_side_after_it_was_closed() -> None:
 # holds for the whole test, which is what is wanted here: hence the health check is off.
 RELAY_SETTINGS = settings(
     SETTINGS,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                           HealthCheck.function_scoped_fixture],
+    suppress_health_check=[*SETTINGS.suppress_health_check, HealthCheck.function_scoped_fixture],
 )
 
 
