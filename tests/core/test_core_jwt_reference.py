@@ -231,6 +231,42 @@ def test_hs_family_with_issuer_and_no_audience_agrees_with_pyjwt(tok: str) -> No
     _compare(tok, HS_ISS, SECRET, ["HS256", "HS384", "HS512"], None, ISSUER)
 
 
+_CODECS = ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le",
+           "utf-32-be"]
+_BENDS = ["as is", "bad byte", "lone surrogate"]
+
+
+def _encoded_token(claims: dict[str, Any], codec: str, bend: str) -> str:
+    """An HS256 token whose payload is ``claims`` in ``codec``, bent as ``bend`` says."""
+    text = json.dumps(claims, separators=(",", ":"), ensure_ascii=False)
+    if bend == "lone surrogate":  # in a string, where json.loads keeps it
+        text = '{"note":"\ud800"' + ("," + text[1:] if text != "{}" else "}")
+    body = text.encode(codec, "surrogatepass")
+    if bend == "bad byte":
+        body = body[:-1] + b"\xff" + body[-1:]
+    signing_input = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + "." + _b64(body)
+    return f"{signing_input}.{_sign_hs('HS256', SECRET, signing_input)}"
+
+
+@SETTINGS
+@given(claim_sets(), st.sampled_from(_CODECS), st.sampled_from(_BENDS))
+def test_payload_encodings_agree_with_pyjwt(claims: dict[str, Any], codec: str, bend: str
+                                            ) -> None:
+    """A payload in any encoding ``json.loads(bytes)`` detects, with or without a broken
+    byte or a lone surrogate: the gateway's shortcut for UTF-8 must decide as PyJWT does."""
+    _compare(_encoded_token(claims, codec, bend), HS256, SECRET, ["HS256"], ["authenticated"],
+             None)
+
+
+@pytest.mark.parametrize("codec", _CODECS)
+def test_valid_claims_pass_in_every_encoding(codec: str) -> None:
+    claims = {"sub": "user-é", "aud": "authenticated", "exp": int(NOW) + 60}
+    verdict = HS256.verify(_encoded_token(claims, codec, "as is"), NOW)
+    assert isinstance(verdict, Identity) and verdict.user_id == "user-é"
+    _compare(_encoded_token(claims, codec, "lone surrogate"), HS256, SECRET, ["HS256"],
+             ["authenticated"], None)
+
+
 @SETTINGS
 @given(tokens())
 def test_rs256_public_key_agrees_with_pyjwt(tok: str) -> None:

@@ -1,8 +1,8 @@
 """JWT verification, once per connection, before any upgrade.
 
-The signature is checked by PyJWT's algorithm objects (HMAC with ``hmac.compare_digest``,
-RSA/EC through ``cryptography``), with the key prepared once, at start-up for a secret or a PEM
-key. The compact-JWS parsing around it is done here, with PyJWT 2.x's rules: the strict
+The signature is checked as PyJWT's algorithm objects check it: HMAC with
+``hmac.compare_digest``, from a context keyed once at start-up; RSA/EC by PyJWT's own objects
+through ``cryptography``, with a PEM key prepared once at start-up. The compact-JWS parsing around it is done here, with PyJWT 2.x's rules: the strict
 base64url alphabet, at most two ``=`` of padding and canonical encodings only; ``kid`` a
 string; ``crit`` a non-empty list of understood extensions; ``b64: false`` (detached payloads)
 refused; then the signature, then the payload as a JSON object; then the claims: the required
@@ -28,6 +28,7 @@ Every failure is an :class:`AuthFailure` with a short reason that never contains
 from __future__ import annotations
 
 import binascii
+import hmac
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -172,19 +173,23 @@ class Authenticator:
         unknown = [a for a in config.algorithms if a not in algorithms]
         if unknown:
             raise ValueError(f"unknown JWT algorithm(s): {', '.join(unknown)}")
-        # The HMAC key, prepared once. PyJWT refuses a secret that is a PEM or SSH public
-        # key (the key-confusion attack); that now fails the configuration, not a handshake.
-        self._hmac_keys: dict[str, Any] = {}
+        # The HMAC key, prepared and keyed once: each token's MAC starts from a copy of the
+        # keyed context, where ``hmac.new`` (PyJWT's way) would fetch the digest from OpenSSL
+        # and key it again for every token. PyJWT refuses a secret that is a PEM or SSH
+        # public key (the key-confusion attack); that fails the configuration, not a handshake.
+        self._hmac_ctx: dict[str, hmac.HMAC] = {}
         self.warnings: list[str] = []  # for the start-up log
         if self._secret:
             for alg in self._algorithms:
                 if alg in _HMAC:
                     obj = self._algorithms[alg]
                     try:
-                        self._hmac_keys[alg] = obj.prepare_key(self._secret)
+                        prepared = obj.prepare_key(self._secret)
                     except jwt.InvalidKeyError as exc:
                         raise ValueError(f"unusable JWT secret: {exc}") from None
-                    short = obj.check_key_length(self._hmac_keys[alg])
+                    self._hmac_ctx[alg] = hmac.new(
+                        prepared, digestmod=obj.hash_alg)  # type: ignore[attr-defined]
+                    short = obj.check_key_length(prepared)
                     if short:
                         self.warnings.append(short)
         self._audience = list(config.audience) if config.audience else None
@@ -237,19 +242,20 @@ class Authenticator:
                 return AuthFailure(_INVALID)
         if header.get("b64", True) is False:  # detached payload: never what a client sends
             return AuthFailure(_MALFORMED)
+        signed = f"{head}.{body}".encode("ascii")
         try:
             if isinstance(key, jwt.PyJWK):
                 if alg != key.algorithm_name:  # the key's own algorithm, not the token's
                     return AuthFailure(_INVALID)
                 obj = key.Algorithm
-                prepared = obj.prepare_key(key.key)
-            elif alg in _HMAC:
-                obj = self._algorithms[alg]
-                prepared = self._hmac_keys[alg]
+                valid = obj.verify(signed, obj.prepare_key(key.key), signature)
+            elif alg in _HMAC:  # as PyJWT's HMACAlgorithm.verify, from the keyed context
+                mac = self._hmac_ctx[alg].copy()
+                mac.update(signed)
+                valid = hmac.compare_digest(signature, mac.digest())
             else:
                 obj = self._algorithms[alg]
-                prepared = obj.prepare_key(key)
-            valid = obj.verify(f"{head}.{body}".encode("ascii"), prepared, signature)
+                valid = obj.verify(signed, obj.prepare_key(key), signature)
         except Exception:  # noqa: BLE001 - e.g. key/algorithm mismatch inside the crypto layer
             return AuthFailure(_INVALID)
         if not valid:
@@ -323,7 +329,11 @@ def _json_object(raw: bytes | None) -> dict[str, Any] | None:
     if raw is None:
         return None
     try:
-        obj = json.loads(raw)  # bytes: UTF-8/16/32 detected, as PyJWT does
+        if raw[:1] == b"{" and raw[1:2] != b"\0":
+            # What json.loads(bytes) detects for this start (UTF-8), without its detour
+            obj = json.loads(raw.decode("utf-8", "surrogatepass"))
+        else:
+            obj = json.loads(raw)  # bytes: UTF-8/16/32 detected, as PyJWT does
     except (ValueError, RecursionError):
         return None
     return obj if isinstance(obj, dict) else None
