@@ -227,3 +227,34 @@ def test_a_value_that_rounds_to_the_limit_shows_which_side_it_is_on() -> None:
     assert run.Bar("p50", "added p50", None, 1.25, True, "d").value_text() == "—"
     # a cell of --over-runs for a run without the bar is empty, not another run's value
     assert run.Bar("p99_100", "p99", 0.91, 1.0, True, "d").text_for(None) == "—"
+
+
+def tput16k(*mbs: float, reps: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+    """MB/s per rep (the reps 0, 1, ... unless given)."""
+    return [{"mb_per_s": mb, "rep": rep} for mb, rep in zip(mbs, reps or range(len(mbs)))]
+
+
+def test_ratios_are_taken_rep_by_rep() -> None:
+    # The host was fastest in rep 2 and slowest in rep 0, for both. gaia was ahead in two
+    # reps of three; the ratio of the two medians (400 / 420) would say it was behind.
+    results = {"gaia-uvloop": {"tput16k": tput16k(300, 400, 500)},
+               "nginx": {"tput16k": tput16k(280, 420, 470)}}
+    s = run.summarize(results)
+    assert s["gaia-uvloop"]["mb16k/nginx"] == pytest.approx(500 / 470)  # of 1.071, 0.952, 1.064
+    (line,) = [x for x in run.verdicts(s, results) if "throughput" in x]
+    assert line.startswith("- throughput 16 KiB ≥ nginx's (64k buffers): **met** — 1.06 "), line
+    assert "400 vs 420 MB/s" in line, line  # each target's median, for scale
+    assert "| — / 1.06 |" in run.render(s, ["gaia-uvloop"])  # the table's ×direct / ×nginx
+
+
+def test_a_rep_that_one_target_missed_is_left_out() -> None:
+    # gaia failed its rep 0 step (not recorded): its reps 1 and 2 meet nginx's reps 1 and 2
+    results = {"gaia-uvloop": {"tput16k": tput16k(400, 500, reps=(1, 2))},
+               "nginx": {"tput16k": tput16k(100, 400, 400)}}
+    assert run.summarize(results)["gaia-uvloop"]["mb16k/nginx"] == pytest.approx(1.125)
+    # runs saved before results carried their rep pair by position
+    for rows in results.values():
+        for r in rows["tput16k"]:
+            del r["rep"]
+    assert run.summarize(results)["gaia-uvloop"]["mb16k/nginx"] == pytest.approx((4 + 1.25) / 2)
+    assert run.paired_ratio(results, "gaia-uvloop", "direct", "mb16k") is None

@@ -779,8 +779,9 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}"
 
 
-def ratios(v: float | None, d: float | None, n: float | None) -> str:
-    return f"{ratio(v, d)} / {ratio(v, n)}"
+def ratios(s: dict[str, float | None], key: str) -> str:
+    """A target's ×direct / ×nginx for a figure measured once per rep (``paired_ratio``)."""
+    return " / ".join(fmt(s.get(f"{key}/{ref}"), 2) for ref in ("direct", "nginx"))
 
 
 def steal_free(passes: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -788,9 +789,50 @@ def steal_free(passes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in passes if r.get("steal_proxy", 1.0) < CALM_STEAL]
 
 
+# Figures measured once per rep, and the scenario and field they come from. Their ratios
+# between targets are taken rep by rep (see ``paired_ratio``).
+PER_REP = {
+    "cpu64": ("tput64", "cpu_us_per_msg"),
+    "cpu64w": ("tput64w", "cpu_us_per_msg"),
+    "cpu16k": ("tput16k", "cpu_us_per_msg"),
+    "mb16k": ("tput16k", "mb_per_s"),
+    "hs_cpu": ("connect", "cpu_ms_per_handshake"),
+    "kib_conn": ("idle", "kib_per_conn"),
+}
+# the targets every other is compared with, in the table and the bars
+REFERENCES = ("direct", "nginx", "gaia-uvloop")
+
+
+def by_rep(rows: list[dict[str, Any]], field: str) -> dict[int, float]:
+    """A once-per-rep scenario's ``field``, by rep (runs saved before results carried
+    their rep: by position, which is the rep where no step of a target failed)."""
+    out: dict[int, float] = {}
+    for i, r in enumerate(rows):
+        if r and "error" not in r and r.get(field) is not None:
+            out[r.get("rep", i)] = r[field]
+    return out
+
+
+def paired_ratio(results: dict[str, Any], a: str, b: str, key: str) -> float | None:
+    """``a``'s figure ÷ ``b``'s, rep by rep, and the median of those ratios.
+
+    Within a rep the targets run one after another, seconds apart; between reps the host's
+    speed moves by up to ±30 % (bench/RESULTS.md), for every target alike. A rep's ratio
+    cancels that drift, where the ratio of two medians over reps does not (``a``'s median
+    may come from a fast rep and ``b``'s from a slow one).
+    """
+    scenario, field = PER_REP[key]
+    fa = by_rep(results.get(a, {}).get(scenario, []), field)
+    fb = by_rep(results.get(b, {}).get(scenario, []), field)
+    return med([fa[rep] / fb[rep] for rep in fa if fb.get(rep)])
+
+
 def summarize(
     results: dict[str, dict[str, list[dict[str, Any]]]],
 ) -> dict[str, dict[str, float | None]]:
+    """Each target's figures (medians over reps and passes), and for the figures measured
+    once per rep, its ratios to each of ``REFERENCES`` as ``paired_ratio`` takes them (keys
+    like ``"cpu64/nginx"``)."""
     summary: dict[str, dict[str, float | None]] = {}
     for name, per in results.items():
 
@@ -828,12 +870,15 @@ def summarize(
             "idle_answered": min((r["answered"] for r in idle), default=None),
             "idle_conns": max((r["conns"] for r in idle), default=None),
         }
+        for key in PER_REP:
+            for ref in REFERENCES:
+                if ref in results:
+                    summary[name][f"{key}/{ref}"] = paired_ratio(results, name, ref, key)
     return summary
 
 
 def render(summary: dict[str, dict[str, float | None]], targets: list[str]) -> str:
     d = summary.get("direct", {})
-    n = summary.get("nginx", {})
     cols = [
         "target",
         "CPU µs/msg 64B",
@@ -880,16 +925,16 @@ def render(summary: dict[str, dict[str, float | None]], targets: list[str]) -> s
         row = [
             name,
             fmt(s["cpu64"], 2),
-            ratios(s["cpu64"], d.get("cpu64"), n.get("cpu64")),
+            ratios(s, "cpu64"),
             fmt(s["msgs64"], 0),
             fmt(s["cpu64w"], 2),
-            ratios(s["cpu64w"], d.get("cpu64w"), n.get("cpu64w")),
+            ratios(s, "cpu64w"),
             fmt(s["msgs64w"], 0),
             fmt(s["cpu16k"], 2),
-            ratios(s["cpu16k"], d.get("cpu16k"), n.get("cpu16k")),
+            ratios(s, "cpu16k"),
             fmt(s["msgs16k"], 0),
             fmt(s["mb16k"], 0),
-            ratios(s["mb16k"], d.get("mb16k"), n.get("mb16k")),
+            ratios(s, "mb16k"),
             " / ".join(fmt(pct(s[k]), 0) for k in ("util64", "util64w", "util16k")),
             fmt(s["p50"]),
             fmt(s["p90"]),
@@ -901,9 +946,9 @@ def render(summary: dict[str, dict[str, float | None]], targets: list[str]) -> s
             fmt(pct(s["steal_100"])),
             fmt(s["hs"], 0),
             fmt(s["hs_cpu"], 3),
-            ratios(s["hs_cpu"], d.get("hs_cpu"), n.get("hs_cpu")),
+            ratios(s, "hs_cpu"),
             fmt(s["kib_conn"], 1),
-            ratios(s["kib_conn"], d.get("kib_conn"), n.get("kib_conn")),
+            ratios(s, "kib_conn"),
             idle_ok,
         ]
         lines.append("| " + " | ".join(row) + " |")
@@ -1232,6 +1277,7 @@ def main() -> int:
                             log(f"ERROR {name} {key}: {e}")
                         add_foreign_load(r, t, ctx["proxy_cpu"])
                         sample_loadavg()
+                        r["rep"] = rep  # pairs it with the other targets' figures of this rep
                         results[name].setdefault(key, []).append(r)
                         log(
                             f"rep {rep + 1} {key:8s} {name:13s} {brief(key, r)}  "
@@ -1429,9 +1475,11 @@ def bars(summary: dict[str, dict[str, float | None]], results: dict[str, Any]) -
     a = summary.get("gaia-asyncio", {})
     out: list[Bar] = []
 
+    # Figures measured once per rep are compared rep by rep (``paired_ratio``); the details
+    # give each target's median for scale.
     def cpu(key: str, label: str) -> None:
         out.append(Bar(
-            key, f"CPU/msg {label} ≤ 1.5× nginx", _r(g.get(key), n.get(key)), 1.5, True,
+            key, f"CPU/msg {label} ≤ 1.5× nginx", g.get(f"{key}/nginx"), 1.5, True,
             f"{fmt(g.get(key), 2)} vs {fmt(n.get(key), 2)} µs/msg",
         ))
 
@@ -1474,8 +1522,8 @@ def bars(summary: dict[str, dict[str, float | None]], results: dict[str, Any]) -
     else:
         out.append(Bar("p99_100", "p99 @100 conns ≤ nginx's", None, 1.0, True, every))
     out.append(Bar(
-        "mb16k", "throughput 16 KiB ≥ nginx's (64k buffers)", _r(g.get("mb16k"), n.get("mb16k")),
-        1.0, False, f"{fmt(g.get('mb16k'), 0)} vs {fmt(n.get('mb16k'), 0)} MB/s",
+        "mb16k", "throughput 16 KiB ≥ nginx's (64k buffers)", g.get("mb16k/nginx"), 1.0, False,
+        f"{fmt(g.get('mb16k'), 0)} vs {fmt(n.get('mb16k'), 0)} MB/s",
     ))
     out.append(Bar(
         "hs_cpu", "handshake ≤ 1 ms proxy CPU", g.get("hs_cpu"), 1.0, True,
@@ -1504,7 +1552,7 @@ def bars(summary: dict[str, dict[str, float | None]], results: dict[str, Any]) -
         for key, label in (("cpu64", "64 B"), ("cpu64w", "64 B 1 write/msg"), ("cpu16k", "16 KiB")):
             out.append(Bar(
                 f"asyncio_{key}", f"asyncio transport CPU/msg {label} ≤ 2× uvloop's",
-                _r(a.get(key), g.get(key)), 2.0, True,
+                a.get(f"{key}/gaia-uvloop"), 2.0, True,
                 f"{fmt(a.get(key), 2)} vs {fmt(g.get(key), 2)} µs/msg",
             ))
     return out
@@ -1694,7 +1742,9 @@ def report(
             "Handshakes: "
             f"{CONNECT_CONCURRENCY} concurrent clients, each a fresh JWT, upgrade + 1 echo + close; CPU ms per "
             f"handshake of the proxy. Idle: {cfg['idle_conns']} idle conns, ΔVmRSS of the proxy (tree) / "
-            "conns (at the end of the hold, if any), then one echo on each (details below). Ratios: value ÷ direct's / ÷ nginx's."
+            "conns (at the end of the hold, if any), then one echo on each (details below). Ratios: value ÷ direct's / ÷ nginx's, taken "
+            "rep by rep and then the median (the targets of a rep run seconds apart, while the "
+            "host's speed drifts between reps)."
         ),
     ]
     table = render(summary, targets)
@@ -1744,7 +1794,8 @@ def report(
             (
                 "Against the issue's bars (gaia-uvloop, 1 process, vs nginx, 1 worker"
                 + (f", both pinned to CPU {proxy_cpu}" if proxy_cpu is not None else ", unpinned")
-                + "; ratios from this run, medians):"
+                + "; this run's medians, of the per-rep ratios where a figure is measured "
+                "once per rep):"
             ),
             *vd,
         ]
