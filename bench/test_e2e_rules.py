@@ -159,6 +159,11 @@ def test_over_runs_judges_the_median_and_pools_the_steal_free_passes(tmp_path: P
     assert "different commits" not in text
     assert "The Python proxies ran on /usr/bin/python3.11, Python 3.11.2" in text
 
+    # a pooled ratio just over 1 shows the decimals that put it there (622.6 / 621.5)
+    close = [saved_run(tmp_path / f"e{i}.json", "abc1234", (4.0, 2.5), 0.9,
+                       (((622.6, 0.0),) * 3, ((621.5, 0.0),) * 3)) for i in range(2)]
+    assert "pooled: **NOT met** — 1.002; 622.6 vs 621.5 µs" in run.over_runs(close)
+
     other = saved_run(tmp_path / "d.json", "def5678", (4.0, 2.5), 1.2, (calm, calm))
     assert "different commits (abc1234, def5678)" in run.over_runs(paths + [other])
 
