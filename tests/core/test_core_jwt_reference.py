@@ -1,13 +1,13 @@
 """The gateway's JWT checks against PyJWT's ``decode`` as the reference (hypothesis).
 
-``Authenticator`` parses the compact JWS itself and lets PyJWT's algorithm objects check the
-signature (see ``core/_auth.py``). Here, for tokens built from valid ones and then bent (odd
-claims, odd headers, padding, non-canonical base64, flipped characters, dropped or extra
-segments, other keys and algorithms), the gateway must accept exactly the tokens that
-``jwt.decode`` accepts with the same allow-list, key, audience, issuer and required claims,
-and hand on the same claims. The time claims are the gateway's own (checked against the
-``now`` passed in, ``test_core_auth.py``), so the reference applies the same check after
-``jwt.decode``.
+``Authenticator`` parses the compact JWS itself and checks the signature as PyJWT's algorithm
+objects do (HMAC from a context keyed once; see ``core/_auth.py``). Here, for tokens built from
+valid ones and then bent (odd claims, odd headers, padding, non-canonical base64, flipped
+characters, dropped or extra segments, other keys and algorithms), the gateway must accept
+exactly the tokens that ``jwt.decode`` accepts with the same allow-list, key, audience, issuer
+and required claims, and hand on the same claims. The time claims are the gateway's own
+(checked against the ``now`` passed in, ``test_core_auth.py``), so the reference applies the
+same check after ``jwt.decode``.
 
 One deliberate difference: a ``b64: false`` header (RFC 7797 detached payload) is always
 refused; PyJWT refuses it too unless the caller passes the detached payload, which a

@@ -2,15 +2,16 @@
 
 The signature is checked as PyJWT's algorithm objects check it: HMAC with
 ``hmac.compare_digest``, from a context keyed once at start-up; RSA/EC by PyJWT's own objects
-through ``cryptography``, with a PEM key prepared once at start-up. The compact-JWS parsing around it is done here, with PyJWT 2.x's rules: the strict
-base64url alphabet, at most two ``=`` of padding and canonical encodings only; ``kid`` a
-string; ``crit`` a non-empty list of understood extensions; ``b64: false`` (detached payloads)
-refused; then the signature, then the payload as a JSON object; then the claims: the required
-ones present, ``iss`` and ``aud`` as PyJWT checks them, ``sub`` and ``jti`` strings.
-``PyJWT.decode`` did the same work with two to four times the CPU (110 -> 55 us per fresh token,
-85 -> 25 us warm: it checks the base64 alphabet one character at a time in Python, and
-prepares the key and checks its length on every call), and
-``tests/core/test_core_jwt_reference.py`` checks that both accept and refuse the same tokens.
+through ``cryptography``, with a PEM key prepared once at start-up. The compact-JWS parsing
+around it is done here, with PyJWT 2.x's rules: the strict base64url alphabet, at most two
+``=`` of padding and canonical encodings only; ``kid`` a string; ``crit`` a non-empty list of
+understood extensions; ``b64: false`` (detached payloads) refused; then the signature, then the
+payload as a JSON object; then the claims: the required ones present, ``iss`` and ``aud`` as
+PyJWT checks them, ``sub`` and ``jti`` strings. ``PyJWT.decode`` did the same work with two to
+four times the CPU (110 -> 55 us per fresh token, 85 -> 25 us warm: it checks the base64
+alphabet one character at a time in Python, and prepares the key and checks its length on every
+call), and ``tests/core/test_core_jwt_reference.py`` checks that both accept and refuse the
+same tokens.
 
 Time-based claims (``exp``, ``nbf``) are checked here against the ``now`` the
 caller passes in, so the core reads no clock and tests are deterministic.
