@@ -101,11 +101,11 @@ def test_relay_feed(benchmark, direction: str, size: str, layout: str) -> None:
 
 @pytest.mark.parametrize("layout", ["read16", "batch"])
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_relay_feed_walk(benchmark, scan_impl: str, direction: str, layout: str) -> None:
+def test_relay_feed_walk(benchmark, relay_impl: str, direction: str, layout: str) -> None:
     chunk, frames = _chunk(direction, SIZES["64B"], layout)
     relay = _relay(direction)
-    benchmark.group = f"relay, 64 B frames, {LAYOUTS[layout]}: the batch walk in C and in Python"
-    benchmark.extra_info.update(frames=frames, bytes=len(chunk), walk=scan_impl)
+    benchmark.group = f"relay, 64 B frames, {LAYOUTS[layout]}: the hot path in C and in Python"
+    benchmark.extra_info.update(frames=frames, bytes=len(chunk), walk=relay_impl)
     out = benchmark(relay.feed, chunk)
     assert out is chunk
     assert relay.signal is None and relay.at_frame_boundary

@@ -132,7 +132,7 @@ async def serve(
         "url": f"{scheme}://{settings.host}:{port}", "loop": type(loop).__module__.split(".")[0],
         "routes": ",".join(f"{p}->{u}" for p, u in settings.routes.items()),
         "pid": os.getpid(), "version": __version__,
-        # the relay's batch frame walk: "C" (the _speedups module) or "Python" (not built)
+        # the relay's hot path: "C" (the _speedups module) or "Python" (not built)
         "frame_walk": SPEEDUPS}})
     if ready is not None:
         ready(server)

@@ -24,9 +24,9 @@ from gaia_gateway.core import CloseFrame, FrameRelay, Violation, build_close, pa
 
 LIMIT = 1024 * 1024
 
-# Every test here runs twice: with the batch walk in C and in Python (the scan_impl fixture
-# of the root conftest.py).
-pytestmark = pytest.mark.usefixtures("scan_impl")
+# Every test here runs twice: with the relay's hot path in C, and all in Python (the
+# relay_impl fixture of the root conftest.py).
+pytestmark = pytest.mark.usefixtures("relay_impl")
 
 
 def relay(masked: bool = True, *, limit: int = LIMIT, deflate: bool = False) -> FrameRelay:

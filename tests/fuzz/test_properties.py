@@ -228,8 +228,9 @@ def test_nothing_is_relayed_to_a_side_after_it_was_closed() -> None:
 
 
 # ------------------------------------------------------------------------- FrameRelay
-# Both tests run with the batch walk in C and in Python (the scan_impl fixture). The fixture
-# holds for the whole test, which is what is wanted here: hence the health check is off.
+# Both tests run with the relay's hot path in C, and all in Python (the relay_impl fixture).
+# The fixture holds for the whole test, which is what is wanted here: hence the health check
+# is off.
 RELAY_SETTINGS = settings(
     SETTINGS,
     suppress_health_check=[*SETTINGS.suppress_health_check, HealthCheck.function_scoped_fixture],
@@ -240,7 +241,7 @@ RELAY_SETTINGS = settings(
 @given(masked=st.booleans(), compressed=st.booleans(), data=st.data(), cut=cuts,
        limit=st.sampled_from([64, 1 << 20]))
 def test_relay_split_feeding_equals_whole_feeding_on_valid_streams(
-    scan_impl: str, masked: bool, compressed: bool, data: st.DataObject, cut: list[int],
+    relay_impl: str, masked: bool, compressed: bool, data: st.DataObject, cut: list[int],
     limit: int,
 ) -> None:
     stream = data.draw(valid_streams(masked, compressed))
@@ -263,7 +264,7 @@ def test_relay_split_feeding_equals_whole_feeding_on_valid_streams(
        rsv=st.sampled_from([(0, 0), (0x40, 0), (0x70, 0x70)]),
        limit=st.sampled_from([16, 64, 125, 1 << 20]))
 def test_relay_split_feeding_equals_whole_feeding_on_any_stream(
-    scan_impl: str, masked: bool, data: st.DataObject, cut: list[int], rsv: tuple[int, int],
+    relay_impl: str, masked: bool, data: st.DataObject, cut: list[int], rsv: tuple[int, int],
     limit: int,
 ) -> None:
     stream = data.draw(frame_streams(masked))

@@ -28,6 +28,12 @@ module was built, else ``_scan_small_py``, the same walk in Python. It only step
 text and binary frames under 126 bytes with the right mask bit; every rule and everything
 else stays in this module.
 
+Where ``_speedups`` was built, ``feed``'s common cases run in C too (``RelayHead``): a read
+that is payload of the frame in flight, one that starts with a final text or binary frame,
+and a batch walk. The C ``feed`` hands every other case to this class's Python methods, so
+the rules live here once. At one connection the Python ``feed``, run twice per round trip
+with cold caches, cost about 5 µs of it; the C call costs under 1 (bench/RESULTS.md).
+
 UTF-8 of text messages is *not* checked here: like nginx, the gateway leaves message payloads
 to the endpoints (the backend answers 1007), which keeps it transparent and cheap. The size
 limit counts payload bytes as sent, i.e. compressed bytes when permessage-deflate is in use.
@@ -36,6 +42,7 @@ limit counts payload bytes as sent, i.e. compressed bytes when permessage-deflat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Self
 
 __all__ = [
     "CLOSE_GOING_AWAY",
@@ -152,12 +159,19 @@ def _scan_small_py(data: bytes, pos: int, lo: int, hi: int, step: int) -> tuple[
 
 
 try:
+    from ._speedups import RelayHead as _RelayHead
     from ._speedups import scan_small as _scan_small
-except ImportError:  # not built (no C compiler at install time): the same walk in Python
+except ImportError:  # not built (no C compiler at install time): the same code in Python
+    _RelayHead = None
     _scan_small = _scan_small_py
 
-#: "C" when the relay's batch walk runs in the compiled ``_speedups`` module, else "Python".
-SPEEDUPS = "Python" if _scan_small is _scan_small_py else "C"
+#: "C" when the relay's hot path (``feed``'s common cases and the batch walk) runs in the
+#: compiled ``_speedups`` module, else "Python".
+SPEEDUPS = "Python" if _RelayHead is None else "C"
+
+# The largest message size limit the relay keeps: frame lengths and positions then fit in the
+# C head's 64-bit fields. No frame may declare 2**63 bytes or more (RFC 6455 5.2).
+_LIMIT_CAP = 1 << 62
 
 
 class FrameRelay:
@@ -167,24 +181,18 @@ class FrameRelay:
     must not be (upstream to client). ``rsv_first`` holds the RSV bits allowed on the first
     frame of a data message (0x40 with permessage-deflate), ``rsv_cont`` those allowed on
     continuation frames (0 for permessage-deflate, whose RSV1 marks a whole message).
+
+    ``FrameRelay(...)`` makes the C-headed relay where ``_speedups`` was built: its ``feed``
+    takes the common cases in C and calls this class's methods for everything else (see
+    ``_speedups.c``). Else it makes the relay whose ``feed`` is the Python one below.
     """
 
-    __slots__ = (
-        "_expect_mask",
-        "_held",
-        "_in_message",
-        "_inject",
-        "_max_message",
-        "_message_size",
-        "_remaining",
-        "_rsv_cont",
-        "_rsv_first",
-        "_watch",
-        "bytes",
-        "messages",
-        "signal",
-        "stopped",
-    )
+    __slots__ = ()
+
+    def __new__(cls, **kwargs: object) -> Self:
+        if cls is FrameRelay:
+            return _Relay.__new__(_Relay)  # type: ignore[return-value]
+        return super().__new__(cls)
 
     def __init__(
         self, *, masked: bool, max_message_size: int, rsv_first: int = 0, rsv_cont: int = 0
@@ -194,7 +202,7 @@ class FrameRelay:
         self._in_message = False
         self._message_size = 0
         self._expect_mask = 0x80 if masked else 0
-        self._max_message = max_message_size
+        self._max_message = min(max_message_size, _LIMIT_CAP)
         self._rsv_first = rsv_first
         self._rsv_cont = rsv_cont
         self._inject: bytes | None = None
@@ -293,6 +301,8 @@ class FrameRelay:
         upto = self._scan(data, rem)
         return data if upto == n else data[:upto]
 
+    _feed_py = feed  # the C feed hands the cases it does not take to this one
+
     def _watch_for_close(self, data: bytes) -> None:
         n = len(data)
         rem = self._remaining
@@ -306,17 +316,27 @@ class FrameRelay:
 
     def _scan(self, data: bytes, pos: int) -> int:
         """Walk the frame headers from ``pos``; return how far the bytes may be forwarded."""
-        n = len(data)
         expect_mask = self._expect_mask
         # Small final text/binary frames back to back (a batch of game messages in one read)
         # are walked in one call (in C when built): FIN set, RSV clear, the right mask bit,
         # under 126 bytes. The second byte of such a frame is the mask bit plus a length up
         # to 125, so one range check covers both; the frame is (2 or 6) + length bytes long.
-        # The loop below takes whatever that walk stopped at.
+        # ``_walk`` takes whatever that walk stopped at.
         if self._max_message >= 125 and not self._in_message:
             pos, count = _scan_small(
                 data, pos, expect_mask, expect_mask + 125, (6 if expect_mask else 2) - expect_mask)
             self.messages += count
+        return self._walk(data, pos)
+
+    def _feed_tail(self, data: bytes, pos: int) -> bytes:
+        """The C ``feed``'s way back: walk on from ``pos``, where its batch walk stopped."""
+        upto = self._walk(data, pos)
+        return data if upto == len(data) else data[:upto]
+
+    def _walk(self, data: bytes, pos: int) -> int:
+        """Walk every kind of frame header from ``pos``, applying every rule; see ``_scan``."""
+        n = len(data)
+        expect_mask = self._expect_mask
         while pos < n:
             left = n - pos
             if left < 2:
@@ -418,3 +438,27 @@ class FrameRelay:
             self.signal = CloseFrame(parsed[0], parsed[1], bytes(data[pos:end]))
         self.stop()
         return pos
+
+
+# Both relays' fields. The C head holds those ``feed`` reads on every read; the rest stay in
+# Python slots in both.
+_HEAD_FIELDS = ("_expect_mask", "_held", "_in_message", "_inject", "_max_message",
+                "_remaining", "bytes", "messages", "stopped")
+_OWN_FIELDS = ("_message_size", "_rsv_cont", "_rsv_first", "_watch", "signal")
+
+
+class _PyFrameRelay(FrameRelay):
+    """The relay all in Python: where ``_speedups`` was not built, and in the tests."""
+
+    __slots__ = _HEAD_FIELDS + _OWN_FIELDS
+
+
+_Relay: type[FrameRelay] = _PyFrameRelay
+if _RelayHead is not None:
+
+    class _CFrameRelay(_RelayHead, FrameRelay):  # type: ignore[misc,valid-type]
+        """The relay with its ``feed`` and hot fields in C (``_speedups.RelayHead``)."""
+
+        __slots__ = _OWN_FIELDS
+
+    _Relay = _CFrameRelay
