@@ -10,6 +10,9 @@ Scenarios:
   throughput  --conns N x --inflight K messages of --size bytes, closed loop
   latency     --conns N, each ping-pong (1 in flight), or with --rate R an
               open-loop schedule of R msgs/s per connection; percentiles in us
+  interleaved one connection to each --target NAME=URL, one ping-pong round trip
+              at a time, going through the targets in a fresh random order each
+              round; percentiles in us per target
   connect     --concurrency C workers: fresh JWT, handshake, 1 echo, close
   idle        open --conns M idle connections, RSS before/after, hold them
               --hold H seconds sampling RSS every --sample S seconds, then
@@ -28,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import resource
 import sys
 import time
@@ -482,6 +486,108 @@ async def sc_latency(a: Args, o: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+class RoundRobin:
+    """One round trip in flight over all the targets: each reply sends the next target's
+    message, and every round visits the targets in a fresh random order."""
+
+    def __init__(self, n: int, payload: bytes) -> None:
+        self.n = n
+        self.payload = payload
+        self.lat: list[list[int]] = [[] for _ in range(n)]
+        self.transports: list[WSTransport] = []
+        self.order: list[int] = []
+        self.pos = 0
+        self.sent_at = 0
+        self.recording = False
+        self.stopping = False
+        self.done: asyncio.Future[None] | None = None
+
+    def start(self, transports: list[WSTransport]) -> None:
+        self.transports = transports
+        self.done = asyncio.get_running_loop().create_future()
+        self._new_round()
+        self._send()
+
+    def _new_round(self) -> None:
+        self.order = list(range(self.n))
+        random.shuffle(self.order)
+        self.pos = 0
+
+    def _send(self) -> None:
+        self.sent_at = time.perf_counter_ns()
+        self.transports[self.order[self.pos]].send(BINARY, self.payload)
+
+    def got(self, i: int) -> None:
+        now = time.perf_counter_ns()
+        if i != self.order[self.pos]:
+            return  # not the reply in flight (cannot happen with an echo backend)
+        if self.recording:
+            self.lat[i].append(now - self.sent_at)
+        self.pos += 1
+        if self.pos == self.n:
+            if self.stopping:
+                if self.done is not None and not self.done.done():
+                    self.done.set_result(None)
+                return
+            self._new_round()
+        self._send()
+
+
+class RoundRobinListener(BaseListener):
+    def __init__(self, rr: RoundRobin, i: int) -> None:
+        self.rr = rr
+        self.i = i
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is CLOSE or not frame.fin:
+            return
+        self.rr.got(self.i)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.disconnected = True
+        rr = self.rr
+        if rr.done is not None and not rr.done.done():
+            rr.done.set_exception(ConnectionError(f"target {self.i} closed the connection"))
+
+
+async def sc_interleaved(a: Args, o: argparse.Namespace) -> dict[str, Any]:
+    """Side by side at the finest grain: the targets take turns round trip by round trip, so
+    they all meet the same host state. Passes of one target each (``latency``) move by ±15 µs
+    at p50 from pass to pass, more than gaia and nginx differ (bench/RESULTS.md)."""
+    targets = [t.split("=", 1) for t in o.target]
+    if len(targets) < 2 or any(len(t) != 2 for t in targets):
+        raise ValueError("interleaved wants two or more --target NAME=URL")
+    rr = RoundRobin(len(targets), os.urandom(o.size))
+    transports: list[WSTransport] = []
+    try:
+        for i, (_, url) in enumerate(targets):
+            b = Args()
+            b.url, b.secret, b.pids, b.backend_pids = url, a.secret, a.pids, a.backend_pids
+            transports.append(await open_conn(b, RoundRobinListener(rr, i)))
+        rr.start(transports)
+        await asyncio.sleep(o.warmup)
+        rr.recording = True
+        win = Window(a)
+        await asyncio.sleep(o.duration)
+        rr.recording = False
+        cpu = win.end()
+        rr.stopping = True
+        assert rr.done is not None
+        await asyncio.wait_for(rr.done, 10)
+    finally:
+        for t in transports:
+            close_conn(t)
+        await asyncio.sleep(0.2)
+    return {
+        "mode": "interleaved closed-loop ping-pong, 1 conn per target, random order per round",
+        "rounds": min(len(x) for x in rr.lat),
+        "targets": {name: percentiles(rr.lat[i]) for i, (name, _) in enumerate(targets)},
+        "cpu_busy": cpu["cpu_busy"],
+        "cpu_steal": cpu["cpu_steal"],
+        "elapsed_s": cpu["elapsed_s"],
+    }
+
+
 async def sc_connect(a: Args, o: argparse.Namespace) -> dict[str, Any]:
     payload = os.urandom(64)
     state = {"recording": False, "stop": False, "ok": 0, "err": 0, "first_err": None}
@@ -625,6 +731,7 @@ SCENARIOS = {
     "probe": sc_probe,
     "throughput": sc_throughput,
     "latency": sc_latency,
+    "interleaved": sc_interleaved,
     "connect": sc_connect,
     "idle": sc_idle,
 }
@@ -637,7 +744,9 @@ def parse_pids(s: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="picows load generator for bench/e2e")
     ap.add_argument("scenario", choices=sorted(SCENARIOS))
-    ap.add_argument("--url", required=True)
+    ap.add_argument("--url", default="", help="the target (every scenario but interleaved)")
+    ap.add_argument("--target", action="append", default=[], metavar="NAME=URL",
+                    help="interleaved: a target, named (give two or more)")
     ap.add_argument("--jwt-secret", default="bench-secret")
     ap.add_argument("--pids", default="", help="comma list: proxy process tree (CPU/RSS)")
     ap.add_argument("--backend-pids", default="", help="comma list: echo backend")
@@ -668,7 +777,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_one(argv: list[str]) -> dict[str, Any]:
-    o = build_parser().parse_args(argv)
+    parser = build_parser()
+    o = parser.parse_args(argv)
+    if not o.url and o.scenario != "interleaved":
+        parser.error(f"{o.scenario} needs --url")
     a = Args()
     a.url, a.secret = o.url, o.jwt_secret
     a.pids, a.backend_pids = parse_pids(o.pids), parse_pids(o.backend_pids)
