@@ -90,10 +90,11 @@ FULL = {
     "lat_warmup": 0.3,
     "lat_dur": 0.8,  # per pass
     "lat100_dur": 1.0,  # per pass: 2,000 samples, 20 above the p99
-    # Passes per rep for BAR_TARGETS / for every target. 1 conn: a pass's p50 moves by ±20 µs
-    # with the machine's state, so the bar's targets get more of them. 100 conns: a pass counts
-    # for the p99 bar only if the hypervisor took (almost) none of the proxy's CPU during it
-    # (CALM_STEAL), and short ones are steal-free more often.
+    # Passes per rep for BAR_TARGETS / for every target. 1 conn: a pass's p50 moves by ±15 µs
+    # with the machine's state, so the added-p50 bar reads the interleaved window instead
+    # (lat1x_dur) and the passes are for the table. 100 conns: a pass counts for the p99 bar
+    # only if the hypervisor took (almost) none of the proxy's CPU during it (CALM_STEAL), and
+    # short ones are steal-free more often.
     "lat_passes": 3,
     "lat_passes_all": 3,
     # one window per rep in which direct and the bar's proxies take turns round trip by round
