@@ -433,6 +433,17 @@ def percentiles(lat_ns: list[int]) -> dict[str, float]:
     }
 
 
+async def recorded_window(rec: Stats | RoundRobin, a: Args, o: argparse.Namespace) -> dict[str, Any]:
+    """Wait ``o.warmup``, then record for ``o.duration`` (``rec.recording`` is True meanwhile);
+    the window's CPU accounting (``Window``)."""
+    await asyncio.sleep(o.warmup)
+    rec.recording = True
+    win = Window(a)
+    await asyncio.sleep(o.duration)
+    rec.recording = False
+    return win.end()
+
+
 async def sc_latency(a: Args, o: argparse.Namespace) -> dict[str, Any]:
     st = Stats()
     payload = os.urandom(o.size)
@@ -465,12 +476,7 @@ async def sc_latency(a: Args, o: argparse.Namespace) -> dict[str, Any]:
     else:
         for lst in ls:
             lst.send()
-    await asyncio.sleep(o.warmup)
-    st.recording = True
-    win = Window(a)
-    await asyncio.sleep(o.duration)
-    st.recording = False
-    cpu = win.end()
+    cpu = await recorded_window(st, a, o)
     el = cpu["elapsed_s"]
     disconnects = st.disconnects
     stop = True
@@ -565,12 +571,7 @@ async def sc_interleaved(a: Args, o: argparse.Namespace) -> dict[str, Any]:
             b.url, b.secret, b.pids, b.backend_pids = url, a.secret, a.pids, a.backend_pids
             transports.append(await open_conn(b, RoundRobinListener(rr, i)))
         rr.start(transports)
-        await asyncio.sleep(o.warmup)
-        rr.recording = True
-        win = Window(a)
-        await asyncio.sleep(o.duration)
-        rr.recording = False
-        cpu = win.end()
+        cpu = await recorded_window(rr, a, o)
         rr.stopping = True
         assert rr.done is not None
         await asyncio.wait_for(rr.done, 10)

@@ -113,7 +113,7 @@ def frames_strategy(masked: bool) -> st.SearchStrategy[bytes]:
                          make(OP_BINARY, b"x", rsv=0x40), make(0x3, b"x"),
                          make(OP_BINARY, b"", length=1 << 40)]),
     )
-    # valid frames first, so that a broken one or a close comes late, after a batch
+    # closes, reserved bits and reserved opcodes last, so that they tend to come after a batch
     return st.lists(frame, max_size=12).map(
         lambda fs: b"".join(sorted(fs, key=lambda f: f[0] in (0x88, 0xC2, 0x83))))
 
