@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import random
@@ -433,7 +434,9 @@ def percentiles(lat_ns: list[int]) -> dict[str, float]:
     }
 
 
-async def recorded_window(rec: Stats | RoundRobin, a: Args, o: argparse.Namespace) -> dict[str, Any]:
+async def recorded_window(
+    rec: Stats | RoundRobin, a: Args, o: argparse.Namespace
+) -> dict[str, Any]:
     """Wait ``o.warmup``, then record for ``o.duration`` (``rec.recording`` is True meanwhile);
     the window's CPU accounting (``Window``)."""
     await asyncio.sleep(o.warmup)
@@ -567,8 +570,8 @@ async def sc_interleaved(a: Args, o: argparse.Namespace) -> dict[str, Any]:
     transports: list[WSTransport] = []
     try:
         for i, (_, url) in enumerate(targets):
-            b = Args()
-            b.url, b.secret, b.pids, b.backend_pids = url, a.secret, a.pids, a.backend_pids
+            b = copy.copy(a)  # the same secret and pids, this target's URL
+            b.url = url
             transports.append(await open_conn(b, RoundRobinListener(rr, i)))
         rr.start(transports)
         cpu = await recorded_window(rr, a, o)

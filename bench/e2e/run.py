@@ -685,6 +685,14 @@ def loadgen(
     return ctx["loadgen"].run(argv, timeout)
 
 
+def wait_quiet_all(ctx: dict[str, Any], live: dict[str, Target]) -> None:
+    """``wait_quiet`` on every live target and the backend, not only the next step's target:
+    a proxy pinned to the same CPU may still be closing the previous step's connections (the
+    old design takes seconds for 5,000 idle ones)."""
+    wait_quiet([p for x in live.values() if x.proc and x.proc.poll() is None
+                for p in target_pids(x, ctx)] + proc_tree(ctx["backend"].pid))
+
+
 def interleaved_window(ctx: dict[str, Any], cfg: dict[str, Any], live: dict[str, Target],
                        rep: int, results: dict[str, Any]) -> None:
     """The added-p50 bar's measurement: direct and the bar's proxies take turns round trip by
@@ -700,8 +708,7 @@ def interleaved_window(ctx: dict[str, Any], cfg: dict[str, Any], live: dict[str,
             "--duration", str(cfg.get("lat1x_dur", cfg["lat_dur"]))]
     for n in names:
         argv += ["--target", f"{n}=ws://127.0.0.1:{live[n].port}{WS_PATH}"]
-    wait_quiet([p for x in live.values() if x.proc and x.proc.poll() is None
-                for p in target_pids(x, ctx)] + proc_tree(ctx["backend"].pid))
+    wait_quiet_all(ctx, live)
     t0 = time.monotonic()
     try:
         r = ctx["loadgen"].run(argv, 60)
@@ -1315,14 +1322,7 @@ def main() -> int:
                             )
                             del live[name]
                             continue
-                        # every live target and the backend, not only this one: a proxy
-                        # pinned to the same CPU may still be closing the previous step's
-                        # connections (the old design takes seconds for 5,000 idle ones)
-                        wait_quiet(
-                            [p for x in live.values() if x.proc and x.proc.poll() is None
-                             for p in target_pids(x, ctx)]
-                            + proc_tree(ctx["backend"].pid)
-                        )
+                        wait_quiet_all(ctx, live)
                         t0 = time.monotonic()
                         try:
                             r = loadgen(ctx, t, sc, *extra, timeout=timeout)
@@ -1391,8 +1391,8 @@ def brief(key: str, r: dict[str, Any]) -> str:
             f"{fmt(r['cpu_us_per_msg'], 2)} µs/msg"
         )
     if key == "lat1x":
-        return f"added p50 {r.get('added_p50', 0):.1f} µs (p50 {r.get('p50', 0):.1f} µs, " \
-            f"{r.get('samples', 0)} samples)"
+        return (f"added p50 {r.get('added_p50', 0):.1f} µs (p50 {r.get('p50', 0):.1f} µs, "
+                f"{r.get('samples', 0)} samples)")
     if key.startswith("lat"):
         return f"p50 {r.get('p50', 0):.0f} p99 {r.get('p99', 0):.0f} µs ({r.get('samples', 0)} samples)"
     if key == "connect":
