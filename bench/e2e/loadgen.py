@@ -553,7 +553,7 @@ class RoundRobinListener(BaseListener):
         self.rr.got(self.i)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self.disconnected = True
+        super().on_ws_disconnected(transport)
         rr = self.rr
         if rr.done is not None and not rr.done.done():
             rr.done.set_exception(ConnectionError(f"target {self.i} closed the connection"))

@@ -432,6 +432,11 @@ class Target:
         return self.name == "direct"
 
     @property
+    def url(self) -> str:
+        """Where the load generator connects."""
+        return f"ws://127.0.0.1:{self.port}{WS_PATH}"
+
+    @property
     def workers(self) -> int:
         """gaia-<loop>-wN: N processes sharing the port (SO_REUSEPORT)."""
         last = self.name.rsplit("-", 1)[-1]
@@ -669,11 +674,10 @@ class LoadgenServer:
 def loadgen(
     ctx: dict[str, Any], t: Target, scenario: str, *extra: str, timeout: float = 120
 ) -> dict[str, Any]:
-    url = f"ws://127.0.0.1:{t.port}{WS_PATH}"
     argv = [
         scenario,
         "--url",
-        url,
+        t.url,
         "--jwt-secret",
         ctx["secret"],
         "--pids",
@@ -705,9 +709,9 @@ def interleaved_window(ctx: dict[str, Any], cfg: dict[str, Any], live: dict[str,
         return
     argv = ["interleaved", "--jwt-secret", ctx["secret"], "--size", "64",
             "--warmup", str(cfg["lat_warmup"]),
-            "--duration", str(cfg.get("lat1x_dur", cfg["lat_dur"]))]
+            "--duration", str(cfg["lat1x_dur"])]
     for n in names:
-        argv += ["--target", f"{n}=ws://127.0.0.1:{live[n].port}{WS_PATH}"]
+        argv += ["--target", f"{n}={live[n].url}"]
     wait_quiet_all(ctx, live)
     t0 = time.monotonic()
     try:
@@ -1807,7 +1811,7 @@ def report(
             f"{'/'.join(map(str, lat_passes(cfg, 'lat100')))} at 100 conns for "
             f"{', '.join(BAR_TARGETS)} / the others, "
             "targets alternating within each pass. Added p50 interleaved (the bar's figure): "
-            f"once per rep, one {cfg.get('lat1x_dur', cfg['lat_dur']):g} s window in which "
+            f"once per rep, one {cfg['lat1x_dur']:g} s window in which "
             f"{', '.join(BAR_TARGETS)} take turns round trip by round trip over one "
             "connection each, in a fresh random order every round, so that they all meet the "
             "same host state; added = the target's p50 − direct's in that window; ×nginx is "
