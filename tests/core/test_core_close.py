@@ -39,6 +39,14 @@ def opened(**limits):
     return open_session(gw).session
 
 
+def upstream_ends(s, now: float = NOW) -> None:
+    """The close frames are exchanged: the upstream's socket is closed once its end of stream
+    comes (toward the upstream the gateway is the client; RFC 6455 7.1.1), not before."""
+    assert s.state is State.CLOSING
+    assert s.upstream_eof(now) == [CloseUpstream()]
+    assert s.state is State.CLOSED
+
+
 def client_traffic() -> bytes:
     return b"".join([
         cframe(OP_TEXT, b"move 1 2"),
@@ -111,8 +119,9 @@ def test_client_close_is_carried_across_byte_identical() -> None:
     reply = sclose(4001, "bye")
     actions = s.receive_upstream(sframe(OP_TEXT, b"final state") + reply, NOW + 0.1)
     assert actions == [SendToClient(sframe(OP_TEXT, b"final state")), SendToClient(reply),
-                       CloseClient(), CloseUpstream()]
-    assert s.state is State.CLOSED and s.deadline is None
+                       CloseClient()]
+    upstream_ends(s, NOW + 0.1)
+    assert s.deadline is None
     info = s.info()
     assert info["initiator"] == "client"
     assert info["client_close"] == "4001 bye" and info["upstream_close"] == "4001 bye"
@@ -126,8 +135,8 @@ def test_upstream_close_is_carried_across_byte_identical() -> None:
     assert s.receive_upstream(close, NOW) == [SendToClient(close)]
     assert s.state is State.CLOSING
     reply = cclose(1000, "match over")
-    assert s.receive_client(reply, NOW) == [SendToUpstream(reply), CloseClient(), CloseUpstream()]
-    assert s.state is State.CLOSED
+    assert s.receive_client(reply, NOW) == [SendToUpstream(reply), CloseClient()]
+    upstream_ends(s)
     assert s.info()["initiator"] == "upstream"
 
 
@@ -135,7 +144,7 @@ def test_close_without_code_is_carried_too() -> None:
     s = opened()
     assert s.receive_client(cclose(None), NOW) == [SendToUpstream(cclose(None))]
     s.receive_upstream(sclose(None), NOW)
-    assert s.state is State.CLOSED
+    upstream_ends(s)
     assert s.info()["client_close"] == "1005"
 
 
@@ -151,7 +160,8 @@ def test_simultaneous_closes() -> None:
     c, u = cclose(1000), sclose(1001)
     assert s.receive_client(c, NOW) == [SendToUpstream(c)]
     # the upstream's own close crossed ours: it still goes to the client
-    assert s.receive_upstream(u, NOW) == [SendToClient(u), CloseClient(), CloseUpstream()]
+    assert s.receive_upstream(u, NOW) == [SendToClient(u), CloseClient()]
+    upstream_ends(s)
 
 
 def test_close_timeout_when_the_upstream_never_replies() -> None:
@@ -162,6 +172,34 @@ def test_close_timeout_when_the_upstream_never_replies() -> None:
     # the client never got a close frame from us: its socket is aborted
     assert actions == [CloseClient(abort=True), CloseUpstream(abort=True)]
     assert s.state is State.CLOSED
+
+
+def test_upstream_socket_waits_for_the_upstream_to_close_it_first() -> None:
+    # RFC 6455 7.1.1: the server closes the TCP connection first, so that the TIME_WAIT is
+    # its own; toward the upstream the gateway is the client.
+    s = opened()
+    s.receive_client(cclose(1000), NOW)
+    assert s.receive_upstream(sclose(1000), NOW + 0.1) == [SendToClient(sclose(1000)),
+                                                           CloseClient()]
+    assert s.state is State.CLOSING and s.deadline == NOW + CLOSE_TIMEOUT
+    # bytes after its close frame are nobody's
+    assert s.receive_upstream(sframe(OP_TEXT, b"after close"), NOW + 0.2) == []
+    assert s.handle_timer(NOW + 0.5) == []
+    assert s.upstream_eof(NOW + 0.3) == [CloseUpstream()]
+    assert s.state is State.CLOSED and s.deadline is None
+    assert s.info()["upstream_close"] == "1000" and s.info()["duration_ms"] == 300.0
+
+
+def test_upstream_that_keeps_its_socket_open_is_aborted_at_close_timeout() -> None:
+    s = opened()
+    close = sclose(1001, "restart")
+    assert s.receive_upstream(close, NOW) == [SendToClient(close)]
+    assert s.receive_client(cclose(1001), NOW) == [SendToUpstream(cclose(1001)), CloseClient()]
+    assert s.handle_timer(NOW + CLOSE_TIMEOUT - 0.01) == []
+    # aborted, not closed: an RST leaves no TIME_WAIT on the gateway either
+    assert s.handle_timer(NOW + CLOSE_TIMEOUT) == [CloseUpstream(abort=True)]
+    assert s.state is State.CLOSED
+    assert s.info()["upstream_close"] == "1001 restart"
 
 
 # ------------------------------------------------------------------ lost sockets
@@ -175,9 +213,9 @@ def test_client_eof_without_close_sends_1001_upstream() -> None:
     assert parse_frames(actions[0].data)[0].masked
     assert actions[0].data[2:6] == RANDOM(4)  # masked with the injected random
     assert s.state is State.CLOSING
-    # the upstream answers: done
-    assert s.receive_upstream(sclose(1001), NOW) == [CloseUpstream()]
-    assert s.state is State.CLOSED
+    # the upstream answers, then closes its socket: done
+    assert s.receive_upstream(sclose(1001), NOW) == []
+    upstream_ends(s)
     assert s.info()["client_close"] == "1006 connection lost"
     assert s.info()["gateway_close"] is None
 
@@ -186,8 +224,8 @@ def test_client_eof_after_its_close_does_not_send_another() -> None:
     s = opened()
     s.receive_client(cclose(1000), NOW)
     assert s.client_eof(NOW) == [CloseClient()]
-    assert s.receive_upstream(sclose(1000), NOW) == [CloseUpstream()]
-    assert s.state is State.CLOSED
+    assert s.receive_upstream(sclose(1000), NOW) == []
+    upstream_ends(s)
 
 
 def test_client_eof_mid_frame_aborts_the_upstream_without_a_close_frame() -> None:
@@ -263,9 +301,9 @@ def test_client_violation_closes_upstream_first_then_the_client(bad, code, limit
     assert s.receive_upstream(reply, NOW) == [SendToClient(reply)]
     # ...and the client's close comes once the upstream has answered ours
     actions = s.receive_upstream(sclose(1001), NOW)
-    assert [type(a) for a in actions] == [SendToClient, CloseClient, CloseUpstream]
+    assert [type(a) for a in actions] == [SendToClient, CloseClient]
     assert parse_close(actions[0].data, masked=False)[0] == code
-    assert s.state is State.CLOSED
+    upstream_ends(s)
     assert s.info()["client_close"].startswith(f"{code} client error")
 
 
@@ -294,9 +332,9 @@ def test_client_violation_answering_the_upstreams_close() -> None:
     assert s.receive_upstream(close, NOW) == [SendToClient(close)]
     # the client answers with garbage: it already has a close frame, the upstream gets ours
     actions = s.receive_client(cframe(3, b""), NOW)
-    assert [type(a) for a in actions] == [SendToUpstream, CloseClient, CloseUpstream]
+    assert [type(a) for a in actions] == [SendToUpstream, CloseClient]
     assert parse_close(actions[0].data, masked=True) == (1001, "client protocol error")
-    assert s.state is State.CLOSED
+    upstream_ends(s)
 
 
 def test_client_violation_answering_the_gateways_close() -> None:
@@ -305,8 +343,8 @@ def test_client_violation_answering_the_gateways_close() -> None:
     actions = s.receive_client(cframe(3, b""), NOW)
     assert [type(a) for a in actions] == [SendToUpstream, CloseClient]
     assert parse_close(actions[0].data, masked=True) == (1001, "client protocol error")
-    assert s.receive_upstream(sclose(1001), NOW) == [CloseUpstream()]
-    assert s.state is State.CLOSED
+    assert s.receive_upstream(sclose(1001), NOW) == []
+    upstream_ends(s)
 
 
 def test_upstream_violation_closes_both_sides() -> None:
@@ -333,8 +371,8 @@ def test_shutdown_at_a_frame_boundary() -> None:
     # the client's close reply is what the upstream gets
     reply = cclose(1001)
     assert s.receive_client(reply, NOW) == [SendToUpstream(reply), CloseClient()]
-    assert s.receive_upstream(sclose(1001), NOW) == [CloseUpstream()]
-    assert s.state is State.CLOSED
+    assert s.receive_upstream(sclose(1001), NOW) == []
+    upstream_ends(s)
 
 
 @pytest.mark.parametrize("extra", [b"", sframe(OP_TEXT, b"next")], ids=["exact", "more"])
@@ -358,7 +396,8 @@ def test_shutdown_with_a_partial_upstream_header_held() -> None:
     # the rest of that frame is not mistaken for a broken frame header
     assert s.receive_upstream(late[1:], NOW) == []
     assert to_upstream(s.receive_client(cclose(1001), NOW)) == cclose(1001)
-    assert s.receive_upstream(sclose(1001), NOW) == [CloseUpstream()]
+    assert s.receive_upstream(sclose(1001), NOW) == []
+    upstream_ends(s)
     assert s.info()["upstream_close"] == "1001"
 
 
@@ -381,8 +420,8 @@ def test_slow_client_is_dropped_after_send_timeout() -> None:
     # the next deadline is the close timeout, not the spent send timeout
     assert s.deadline == NOW + 31 + CLOSE_TIMEOUT
     assert s.handle_timer(NOW + 31) == []
-    assert s.receive_upstream(sclose(1001), NOW + 31.2) == [CloseUpstream()]
-    assert s.state is State.CLOSED
+    assert s.receive_upstream(sclose(1001), NOW + 31.2) == []
+    upstream_ends(s, NOW + 31.2)
     assert s.info()["gateway_close"] == "1001 client not reading"
 
 
@@ -451,8 +490,8 @@ def test_idle_timeout() -> None:
     assert s.handle_timer(NOW + 90) == []
     # not forwarded: we closed the upstream ourselves
     assert s.receive_client(cclose(1001), NOW + 90.1) == [CloseClient()]
-    assert s.receive_upstream(sclose(1001), NOW + 90.2) == [CloseUpstream()]
-    assert s.state is State.CLOSED
+    assert s.receive_upstream(sclose(1001), NOW + 90.2) == []
+    upstream_ends(s, NOW + 90.2)
 
 
 def test_no_idle_timeout_by_default() -> None:

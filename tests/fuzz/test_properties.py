@@ -222,7 +222,9 @@ def test_nothing_is_relayed_to_a_side_after_it_was_closed() -> None:
     assert d.client_closes == 1
     assert d.call("receive_upstream", fz.sframe(1, b"late"), d.tick()) == []
     d.call("receive_upstream", fz.sframe(8, fz.close_payload(1001)), d.tick())
-    assert d.s.state is fz.State.CLOSED  # the upstream's close reply is still seen
+    assert d.s.upstream_close == (1001, "")  # the upstream's close reply is still seen
+    d.call("upstream_eof", d.tick())  # and its socket closed after it, by the upstream
+    assert d.s.state is fz.State.CLOSED and d.upstream_closes == 1
     # the upstream breaks the protocol while a client frame is in flight
     fz.run_mixed([(0, b"\x81\x80"), (4, b"\x80\x00"), (0, b"\x00\x00\x00\x00")])
 

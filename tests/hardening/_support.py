@@ -326,6 +326,9 @@ class RawConn:
     eof: threading.Event = field(default_factory=threading.Event)
     eof_at: float | None = None
     close_sent: bool = False
+    # What the upstream read from the gateway while it waited, after its close reply, before
+    # closing its socket: None for nothing, b"" if the gateway had closed its side first.
+    after_close: bytes | None = None
 
     def header(self, name: str) -> list[str]:
         prefix = name.lower().encode() + b":"
@@ -348,15 +351,20 @@ class RawConn:
 class RawUpstream:
     """A hand-written upstream: answers the handshake with ``answer(key)`` (a correct 101 by
     default), sends ``on_first_frame`` once the first data frame arrives from the gateway,
-    and records every frame it gets until the gateway ends the connection. With ``echo`` it
-    echoes data frames, answers pings and answers a close frame with the same close: a
-    minimal server that records, at the socket, every frame that reached it."""
+    and records every frame it gets until the connection ends. With ``echo`` it echoes data
+    frames, answers pings and answers a close frame with the same close: a minimal server
+    that records, at the socket, every frame that reached it. After its close reply it closes
+    its socket ``close_after`` seconds later, as a server does (RFC 6455 7.1.1), noting in
+    ``RawConn.after_close`` whether the gateway ended its side meanwhile; with
+    ``close_after=None`` it never closes it, and reads on until the gateway ends it."""
 
     def __init__(self, *, answer: Callable[[bytes], bytes] = switching,
-                 on_first_frame: bytes = b"", echo: bool = False) -> None:
+                 on_first_frame: bytes = b"", echo: bool = False,
+                 close_after: float | None = 0.0) -> None:
         self.answer = answer
         self.on_first_frame = on_first_frame
         self.echo = echo
+        self.close_after = close_after
         self.conns: list[RawConn] = []
         self._thread = LoopThread("asyncio", "raw-upstream")
         self._server: asyncio.Server | None = None
@@ -405,6 +413,13 @@ class RawUpstream:
                     if opcode == 0x8:
                         conn.close_sent = True
                         await writer.drain()
+                        if self.close_after is not None:
+                            try:
+                                conn.after_close = await asyncio.wait_for(reader.read(1),
+                                                                          self.close_after)
+                            except TimeoutError:
+                                pass
+                            break
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 StopIteration, asyncio.CancelledError):
             pass

@@ -220,3 +220,58 @@ def test_case_15_upstream_sends_invalid_frames(harden: Callable[..., Guard], gar
         g.check()
     finally:
         raw.stop()
+
+
+# ------------------------------------------------------- the TCP close toward the upstream
+# Once the close frames are exchanged, the server closes the TCP connection first, so that the
+# TIME_WAIT is its own (RFC 6455 7.1.1). Toward the upstream the gateway is the client: had it
+# closed first, each session would hold one of its ephemeral ports toward that upstream for a
+# minute after it ended, and a busy gateway runs out of them (connect() fails with
+# EADDRNOTAVAIL) long before it runs out of anything else.
+
+UPSTREAM_HOLD = 1.0  # how long the upstream below waits after its close reply
+
+
+@pytest.mark.parametrize("who", ["client-closes", "client-vanishes"])
+def test_the_upstream_closes_its_socket_first(harden: Callable[..., Guard], who: str) -> None:
+    raw = RawUpstream(echo=True, close_after=UPSTREAM_HOLD)
+    try:
+        g = harden(raw.url(), close_timeout=5)
+        with RawWS(g.port, target(g.secret(token()))) as ws:
+            assert ws.status == 101
+            ws.send_frame(0x1, b"hello")
+            assert ws.recv_frame().payload == b"hello"
+            if who == "client-closes":
+                ws.send_close(1000, "bye")
+                assert ws.recv_frame().close == (1000, "bye")
+                # the client's own socket is not held for the upstream's
+                assert ws.drain_to_eof(UPSTREAM_HOLD / 2) is not None
+        # (a vanished client gets the upstream 1001 from the gateway, answered the same way)
+        conn = raw.conns[0]
+        assert conn.eof.wait(UPSTREAM_HOLD + 3), "the upstream connection never ended"
+        assert conn.close_code == (1000 if who == "client-closes" else 1001), conn.frames
+        assert conn.after_close is None, "the gateway closed its side before the upstream"
+        # ...and it closes its own once the upstream's end of stream comes
+        assert wait_until(g.gw.idle, 3), "the gateway kept the upstream socket"
+        g.check()
+    finally:
+        raw.stop()
+
+
+def test_an_upstream_that_keeps_its_socket_is_dropped_at_close_timeout(
+        harden: Callable[..., Guard]) -> None:
+    raw = RawUpstream(echo=True, close_after=None)  # answers the close, never closes the socket
+    try:
+        g = harden(raw.url(), close_timeout=0.5)
+        with RawWS(g.port, target(g.secret(token()))) as ws:
+            assert ws.status == 101
+            ws.send_close(1000, "bye")
+            assert ws.recv_frame().close == (1000, "bye")
+            assert ws.drain_to_eof(3) is not None
+        conn = raw.conns[0]
+        assert conn.eof.wait(3), "the gateway never dropped the upstream connection"
+        assert conn.close_code == 1000, conn.frames
+        assert wait_until(g.gw.idle, 3)
+        g.check()
+    finally:
+        raw.stop()

@@ -22,7 +22,10 @@ connect result, timers) together with the current time, and answers with a list 
    died) at a frame boundary. When the client breaks the protocol, the upstream is closed first
    and the client's close is sent once the upstream has answered, so replies to messages the
    client sent before its error still reach it, as they would without the gateway.
-   ``close_timeout`` bounds every wait.
+   Once the close frames are exchanged, the client's socket is closed at once (toward the
+   client the gateway is the server, which closes first) and the upstream's when the
+   upstream's end of stream arrives (there the gateway is the client, which waits for the
+   server to close first: RFC 6455 7.1.1). ``close_timeout`` bounds every wait.
 6. ``CLOSED``: both sockets are closed; :meth:`Session.info` has the accounting.
 """
 
@@ -785,9 +788,13 @@ class Session:
         ):
             self._client_closed = True
             actions.append(CloseClient())
-        if not self._up_closed and (
-            self._up_gone or (self._up_close_sent and self._up_close_rcvd)
-        ):
+        # Toward the upstream the gateway is the websocket client, which waits for the server
+        # to close the TCP connection once the close frames are exchanged (RFC 6455 7.1.1):
+        # the side that closes first keeps the connection in TIME_WAIT, and on the gateway
+        # that would hold one of the few ephemeral ports it has toward that upstream for a
+        # minute. So the upstream is closed once its end of stream came; close_timeout
+        # bounds the wait (then it is aborted, which leaves no TIME_WAIT either).
+        if not self._up_closed and self._up_gone:
             self._up_closed = True
             actions.append(CloseUpstream())
         # Nothing may be relayed to a side once it is closed (the transport half-closed it:
