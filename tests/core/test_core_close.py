@@ -185,9 +185,9 @@ def test_upstream_socket_waits_for_the_upstream_to_close_it_first() -> None:
     # bytes after its close frame are nobody's
     assert s.receive_upstream(sframe(OP_TEXT, b"after close"), NOW + 0.2) == []
     assert s.handle_timer(NOW + 0.5) == []
-    assert s.upstream_eof(NOW + 0.3) == [CloseUpstream()]
+    assert s.upstream_eof(NOW + 0.6) == [CloseUpstream()]
     assert s.state is State.CLOSED and s.deadline is None
-    assert s.info()["upstream_close"] == "1000" and s.info()["duration_ms"] == 300.0
+    assert s.info()["upstream_close"] == "1000" and s.info()["duration_ms"] == 600.0
 
 
 def test_upstream_that_keeps_its_socket_open_is_aborted_at_close_timeout() -> None:

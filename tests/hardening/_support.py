@@ -327,7 +327,7 @@ class RawConn:
     eof_at: float | None = None
     close_sent: bool = False
     # What the upstream read from the gateway while it waited, after its close reply, before
-    # closing its socket: None for nothing, b"" if the gateway had closed its side first.
+    # closing its socket: None when nothing came, b"" if the gateway had closed its side first.
     after_close: bytes | None = None
 
     def header(self, name: str) -> list[str]:
