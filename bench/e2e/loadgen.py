@@ -38,8 +38,9 @@ import sys
 import time
 import traceback
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
@@ -434,9 +435,11 @@ def percentiles(lat_ns: list[int]) -> dict[str, float]:
     }
 
 
-async def recorded_window(
-    rec: Stats | RoundRobin, a: Args, o: argparse.Namespace
-) -> dict[str, Any]:
+class Recorder(Protocol):
+    recording: bool  # the scenario counts what happens while this is True
+
+
+async def recorded_window(rec: Recorder, a: Args, o: argparse.Namespace) -> dict[str, Any]:
     """Wait ``o.warmup``, then record for ``o.duration`` (``rec.recording`` is True meanwhile);
     the window's CPU accounting (``Window``)."""
     await asyncio.sleep(o.warmup)
@@ -592,51 +595,55 @@ async def sc_interleaved(a: Args, o: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+@dataclass
+class ConnectState:
+    """What the connect scenario's workers share: a handshake counts if it started and
+    ended while ``recording``."""
+
+    recording: bool = False
+    stop: bool = False
+    ok: int = 0
+    err: int = 0
+    first_err: str | None = None
+
+
 async def sc_connect(a: Args, o: argparse.Namespace) -> dict[str, Any]:
     payload = os.urandom(64)
-    state = {"recording": False, "stop": False, "ok": 0, "err": 0, "first_err": None}
-    total_ok = 0
+    state = ConnectState()
 
     async def worker() -> None:
-        nonlocal total_ok
-        while not state["stop"]:
+        while not state.stop:
             lst = EchoOnce()
-            rec = state["recording"]
+            rec = state.recording
             try:
                 t = await open_conn(a, lst)
                 good = await lst.echo(payload)
                 close_conn(t)
                 if not good:
                     raise RuntimeError("bad echo")
-                total_ok += 1
-                if rec and state["recording"]:
-                    state["ok"] += 1
+                if rec and state.recording:
+                    state.ok += 1
             except Exception as e:  # noqa: BLE001
-                state["err"] += 1
-                if state["first_err"] is None:
-                    state["first_err"] = repr(e)
+                state.err += 1
+                if state.first_err is None:
+                    state.first_err = repr(e)
                 await asyncio.sleep(0.01)
 
     tasks = [asyncio.create_task(worker()) for _ in range(o.concurrency)]
-    await asyncio.sleep(o.warmup)
-    state["recording"] = True
-    win = Window(a)
-    await asyncio.sleep(o.duration)
-    state["recording"] = False
-    res = win.end()
-    state["stop"] = True
+    res = await recorded_window(state, a, o)
+    state.stop = True
     await asyncio.gather(*tasks, return_exceptions=True)
     await asyncio.sleep(0.2)
     el = res["elapsed_s"]
-    n = state["ok"]
+    n = state.ok
     res.update(
         {
             "handshakes": n,
             "handshakes_per_s": n / el,
             "cpu_ms_per_handshake": res["proxy_cpu_s"] / n * 1e3 if n else None,
             "backend_cpu_ms_per_handshake": res["backend_cpu_s"] / n * 1e3 if n else None,
-            "errors": state["err"],
-            "first_error": state["first_err"],
+            "errors": state.err,
+            "first_error": state.first_err,
         }
     )
     return res

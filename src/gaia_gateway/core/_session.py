@@ -788,12 +788,9 @@ class Session:
         ):
             self._client_closed = True
             actions.append(CloseClient())
-        # Toward the upstream the gateway is the websocket client, which waits for the server
-        # to close the TCP connection once the close frames are exchanged (RFC 6455 7.1.1):
-        # the side that closes first keeps the connection in TIME_WAIT, and on the gateway
-        # that would hold one of the few ephemeral ports it has toward that upstream for a
-        # minute. So the upstream is closed once its end of stream came; close_timeout
-        # bounds the wait (then it is aborted, which leaves no TIME_WAIT either).
+        # The upstream's socket closes only after its end of stream (step 5 above: the
+        # gateway is its client, and the side that closes first keeps the TIME_WAIT, which on
+        # the gateway would hold an ephemeral port toward that upstream for a minute).
         if not self._up_closed and self._up_gone:
             self._up_closed = True
             actions.append(CloseUpstream())
