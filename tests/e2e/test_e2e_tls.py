@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import socket
 import ssl
 import time
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import trustme
-from helpers import HOST, EchoServer, GatewayHandle, RawWS, handshake_status, token
+from helpers import HOST, EchoServer, GatewayHandle, RawWS, encode_frame, handshake_status, token
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -169,3 +171,55 @@ def test_tls_stalled_client_bounded_and_dropped(gateway_factory: Callable[..., G
         assert 0.9 <= rec.closed_at - t0 < 2.5
         assert peak <= 512 * 1024, peak
         assert rec.flood_sent < 25 * 1024 * 1024
+
+
+def test_tls_records_in_small_pieces(gateway_factory: Callable[..., GatewayHandle], pki: Pki,
+                                     tls_echo: EchoServer) -> None:
+    """The client's TLS bytes reach the gateway 7 at a time, so most reads of its TLS protocol
+    end inside a record (asyncio's is the gateway's own there, ``transports/tls.py``, which
+    stops reading when no whole record is left): the handshake, the upgrade and an echo still
+    go through, byte for byte."""
+    gw = tls_gateway(gateway_factory, pki, tls_echo.url())
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = pki.client_ctx().wrap_bio(incoming, outgoing, server_hostname=HOST)
+    with socket.create_connection((HOST, gw.port), timeout=5) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def send_pending() -> None:
+            data = outgoing.read()
+            for i in range(0, len(data), 7):
+                sock.sendall(data[i:i + 7])
+                time.sleep(0.0005)
+
+        def receive(n: int) -> bytes:
+            out = b""
+            while len(out) < n:
+                try:
+                    out += tls.read(n - len(out))
+                except ssl.SSLWantReadError:
+                    chunk = sock.recv(65536)
+                    assert chunk, "the gateway closed the connection"
+                    incoming.write(chunk)
+            return out
+
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                send_pending()
+                incoming.write(sock.recv(65536))
+        key = base64.b64encode(os.urandom(16)).decode()
+        tls.write((f"GET /ws/experience?token={token()} HTTP/1.1\r\nHost: {HOST}\r\n"
+                   f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                   "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        send_pending()
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += receive(1)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        payload = os.urandom(300)
+        tls.write(encode_frame(0x2, payload))
+        send_pending()
+        assert receive(4) == bytes([0x82, 126]) + len(payload).to_bytes(2, "big")
+        assert receive(len(payload)) == payload

@@ -1,0 +1,74 @@
+"""asyncio's TLS protocol, with two of its costs taken out.
+
+On asyncio's own loop, TLS runs through ``asyncio.sslproto.SSLProtocol`` (CPython 3.11-3.13
+alike). Two of its habits cost a gateway dearly; uvloop's version of the same protocol has
+neither, so the uvloop transport needs nothing from this module:
+
+- **256 KiB of memory per connection.** Every ``SSLProtocol`` allocates its own 256 KiB socket
+  read buffer, zero-filled, when the TCP connection is accepted: before the handshake, before
+  any byte. 9,000 idle wss:// clients then hold 2.3 GB, and anyone who can open TCP
+  connections can make the process hold 256 KiB per socket (python/cpython#109534).
+  ``_SharedBufferSSLProtocol`` reads every connection of one loop into one buffer. That is
+  safe because the transport's read callback hands the bytes to ``buffer_updated``, which
+  copies them into the connection's TLS input before returning.
+- **An exception per read.** ``_do_read__copied`` calls ``SSLObject.read`` until it raises
+  ``SSLWantReadError``, and raising it costs about 4 µs here (the ssl module builds a message
+  and looks up OpenSSL's error names), once for every batch of records received. The override
+  stops when neither the input buffer nor OpenSSL holds any more bytes, as uvloop does; a
+  partial record still ends in ``SSLWantReadError``, as before.
+
+``install_shared_ssl_buffer`` puts the subclass where asyncio's loops look for the class
+(``asyncio.sslproto.SSLProtocol``), so it applies to every asyncio loop of the process, the
+client side (wss:// upstreams) included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from asyncio import sslproto
+from typing import Any
+
+__all__ = ["install_shared_ssl_buffer"]
+
+_READ_SIZE = sslproto.SSLProtocol.max_size
+_buffers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, memoryview] = (
+    weakref.WeakKeyDictionary())
+
+
+class _SharedBufferSSLProtocol(sslproto.SSLProtocol):
+    """asyncio's TLS protocol: one read buffer per loop, no exception per read."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *args: Any, **kwargs: Any) -> None:
+        self.max_size = 0  # the size asyncio allocates here: nothing
+        super().__init__(loop, *args, **kwargs)
+        del self.max_size  # the class's read size again
+        view = _buffers.get(loop)
+        if view is None:
+            view = _buffers[loop] = memoryview(bytearray(_READ_SIZE))
+        self._ssl_buffer_view = view
+
+    def get_buffer(self, n: int) -> memoryview:
+        return self._ssl_buffer_view  # buffer_updated copies out of it at once
+
+    def _do_read__copied(self) -> None:
+        chunks: list[bytes] = []
+        chunk = b"1"
+        try:
+            while self._incoming.pending or self._sslobj.pending():
+                chunk = self._sslobj.read(self.max_size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except sslproto.SSLAgainErrors:
+            pass  # a partial record: the rest comes with the next read
+        if chunks:
+            self._app_protocol.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if not chunk:  # close_notify
+            self._call_eof_received()
+            self._start_shutdown()
+
+
+def install_shared_ssl_buffer() -> None:
+    """Make asyncio's loops build ``_SharedBufferSSLProtocol`` for TLS, process-wide."""
+    sslproto.SSLProtocol = _SharedBufferSSLProtocol  # type: ignore[misc]
