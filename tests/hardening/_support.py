@@ -35,6 +35,7 @@ import os
 import selectors
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -172,8 +173,9 @@ class Guard:
 
     def __init__(self, gw: GatewayHandle, control: EchoServer, logs: LogCapture, *,
                  good_token: Callable[[], str] = lambda: token("control-user"),
-                 warm: bool = True) -> None:
+                 warm: bool = True, client_ssl: ssl.SSLContext | None = None) -> None:
         self.gw = gw
+        self.client_ssl = client_ssl  # a wss:// gateway: what its normal clients trust
         self.control = control
         self.logs = logs
         self.good_token = good_token
@@ -204,7 +206,7 @@ class Guard:
         """A normal client completes ``n`` echoes on ``path``; the slowest round trip."""
         slowest = 0.0
         t0 = time.monotonic()
-        with connect(self.url(path), open_timeout=5, close_timeout=3) as ws:
+        with connect(self.url(path), open_timeout=5, close_timeout=3, ssl=self.client_ssl) as ws:
             opened = time.monotonic() - t0
             assert opened < ALLOWANCE, f"a normal handshake took {opened:.2f}s"
             for i in range(n):

@@ -5,6 +5,7 @@ check; the process's file descriptors are checked after each test (as for tests/
 
 from __future__ import annotations
 
+import ssl
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,16 +63,18 @@ def echo() -> Iterator[CountingEcho]:
 @pytest.fixture
 def harden(gateway_factory: Callable[..., GatewayHandle], control: EchoServer,
            logs: LogCapture) -> Callable[..., Guard]:
-    """``harden(upstream_url, *, good_token=..., warm=True, **settings)``: a gateway (on
-    ``loop_kind``) with the main route to ``upstream_url`` and ``/ws/control`` to the control
-    echo, and the :class:`Guard` holding its baseline (taken after one control echo unless
-    ``warm`` is false)."""
+    """``harden(upstream_url, *, good_token=..., warm=True, client_ssl=None, **settings)``: a
+    gateway (on ``loop_kind``) with the main route to ``upstream_url`` and ``/ws/control`` to
+    the control echo, and the :class:`Guard` holding its baseline (taken after one control echo
+    unless ``warm`` is false; over wss:// trusting ``client_ssl``, for a gateway given
+    ``certfile``)."""
 
     def make(upstream: str, *, good_token: Callable[[], str] | None = None,
-             routes: dict[str, str] | None = None, warm: bool = True, **settings: Any) -> Guard:
+             routes: dict[str, str] | None = None, warm: bool = True,
+             client_ssl: ssl.SSLContext | None = None, **settings: Any) -> Guard:
         gw = gateway_factory(upstream, routes={CONTROL_PATH: control.url(), **(routes or {})},
                              **settings)
         kwargs = {"good_token": good_token} if good_token is not None else {}
-        return Guard(gw, control, logs, warm=warm, **kwargs)
+        return Guard(gw, control, logs, warm=warm, client_ssl=client_ssl, **kwargs)
 
     return make

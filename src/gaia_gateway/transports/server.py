@@ -51,13 +51,18 @@ class GatewayServer:
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False,
                     sock: socket.socket | None = None) -> int:
+        # The TLS handshake comes before the protocol (and its handshake deadline) exists, so
+        # the loop bounds it, by the same handshake_timeout (its default is 60 s).
+        tls: dict[str, Any] = {"ssl": self.server_ssl}
+        if self.server_ssl is not None:
+            tls["ssl_handshake_timeout"] = self.gateway.limits.handshake_timeout
         if sock is not None:
             self._server = await self.loop.create_server(
-                lambda: ClientProtocol(self), sock=sock, ssl=self.server_ssl, backlog=2048)
+                lambda: ClientProtocol(self), sock=sock, backlog=2048, **tls)
         else:
             self._server = await self.loop.create_server(
-                lambda: ClientProtocol(self), host, port, ssl=self.server_ssl,
-                reuse_port=reuse_port or None, backlog=2048,
+                lambda: ClientProtocol(self), host, port, reuse_port=reuse_port or None,
+                backlog=2048, **tls,
             )
         return int(self._server.sockets[0].getsockname()[1])
 
