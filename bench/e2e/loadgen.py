@@ -34,6 +34,7 @@ import json
 import os
 import random
 import resource
+import ssl
 import sys
 import time
 import traceback
@@ -143,6 +144,7 @@ class Args:
     secret: str
     pids: list[int]
     backend_pids: list[int]
+    tls: ssl.SSLContext | None  # for wss:// URLs: trusts --cafile
 
 
 def make_token(secret: str) -> str:
@@ -163,6 +165,7 @@ async def open_conn(a: Args, listener: WSListener) -> WSTransport:
     transport, _ = await ws_connect(
         lambda: listener,
         token_url(a),
+        ssl_context=a.tls if a.url.startswith("wss:") else None,
         websocket_handshake_timeout=30,
         max_frame_size=64 * 1024 * 1024,
     )
@@ -759,6 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--target", action="append", default=[], metavar="NAME=URL",
                     help="interleaved: a target, named (give two or more)")
     ap.add_argument("--jwt-secret", default="bench-secret")
+    ap.add_argument("--cafile", help="wss:// targets: the CA (PEM) their certificates chain to")
     ap.add_argument("--pids", default="", help="comma list: proxy process tree (CPU/RSS)")
     ap.add_argument("--backend-pids", default="", help="comma list: echo backend")
     ap.add_argument("--conns", type=int, default=1)
@@ -795,6 +799,7 @@ def run_one(argv: list[str]) -> dict[str, Any]:
     a = Args()
     a.url, a.secret = o.url, o.jwt_secret
     a.pids, a.backend_pids = parse_pids(o.pids), parse_pids(o.backend_pids)
+    a.tls = ssl.create_default_context(cafile=o.cafile) if o.cafile else None
 
     async def run() -> dict[str, Any]:
         return await SCENARIOS[o.scenario](a, o)

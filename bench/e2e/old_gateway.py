@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8001)
     ap.add_argument("--upstream", default=UPSTREAM)
     ap.add_argument("--jwt-secret", default=JWT_SECRET)
+    ap.add_argument("--certfile", help="serve TLS with this certificate chain (PEM)")
+    ap.add_argument("--keyfile", help="the private key (PEM) for --certfile")
     args = ap.parse_args()
     UPSTREAM = args.upstream
     JWT_SECRET = args.jwt_secret
@@ -94,6 +96,8 @@ def main() -> None:
         ws="websockets",
         log_level="warning",
         backlog=4096,
+        ssl_certfile=args.certfile,
+        ssl_keyfile=args.keyfile,
     )
 
 

@@ -4,6 +4,7 @@
                             [--idle-conns M] [--idle-hold H] [--json FILE]
                             [--no-pin | --proxy-cpu 0|1] [--python PATH]
     python bench/e2e/run.py --memory      # 9,000 idle connections held 60 s (~6 min)
+    python bench/e2e/run.py --tls         # the same scenarios over wss:// (~10 min)
 
 Starts a picows echo backend (bench/e2e/echo_picows.py), the proxies under
 test, and runs the picows load generator (bench/e2e/loadgen.py, one process
@@ -38,6 +39,14 @@ p99 at 100 connections: each pass records the steal time (/proc/stat) on the
 proxy's CPU. The bar is judged on the passes with (almost) none; the table
 shows all passes too.
 
+TLS (--tls): every proxy terminates TLS (wss://) with one certificate (trustme: an
+ECDSA P-256 key and a test CA) and the context gaia builds for --certfile; nginx
+gets `ssl_protocols TLSv1.2 TLSv1.3`, so that it negotiates TLS 1.3 as the Python
+servers do (nginx 1.22's default stops at TLS 1.2). The loadgen verifies the
+certificate and does not resume sessions: every handshake is a full one.
+`direct` stays plain ws: behind a gateway the backend is. Combines with --quick,
+--memory, --targets and --scenarios.
+
 Idle/memory test: M connections opened (--idle-conns; 5000 full, 500 quick),
 held --idle-hold seconds with nothing sent while the proxy's RSS is sampled,
 then one echo on each. --memory = --scenarios idle --idle-conns 9000
@@ -63,11 +72,13 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -372,9 +383,10 @@ def listeners(port: int) -> int:
     return n
 
 
-def http_ok(port: int, path: str = "/health") -> bool:
+def http_ok(port: int, path: str = "/health", tls: ssl.SSLContext | None = None) -> bool:
     try:
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        c = (http.client.HTTPSConnection("127.0.0.1", port, timeout=1, context=tls) if tls
+             else http.client.HTTPConnection("127.0.0.1", port, timeout=1))
         c.request("GET", path)
         ok = c.getresponse().status == 200
         c.close()
@@ -385,6 +397,10 @@ def http_ok(port: int, path: str = "/health") -> bool:
 
 # ---------------------------------------------------------------- targets
 
+NGINX_TLS = """
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;"""
 NGINX_CONF = """\
 worker_processes 1;
 daemon off;
@@ -402,7 +418,7 @@ http {{
     scgi_temp_path {tmp}/scgi_temp;
     map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port}{listen_tls} backlog=4096;{tls}
         location = /health {{ return 200 "ok\\n"; }}
         location / {{
             proxy_pass http://127.0.0.1:{backend};
@@ -420,9 +436,33 @@ http {{
 """
 
 
+@dataclass
+class Certs:
+    """--tls: a test CA and a server certificate for 127.0.0.1, written to the temp dir."""
+
+    ca: Path  # the CA's certificate: the loadgen verifies against it
+    chain: Path  # the server's certificate chain
+    key: Path  # its private key
+    client: ssl.SSLContext  # trusts ``ca``: the harness's own /health probes
+
+    @classmethod
+    def make(cls, d: Path) -> Certs:
+        import trustme  # a test dependency (and the bench extra's): real certificates
+
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        paths = cls(d / "ca.pem", d / "chain.pem", d / "key.pem", ssl.create_default_context())
+        ca.cert_pem.write_to_path(str(paths.ca))
+        cert.private_key_pem.write_to_path(str(paths.key))
+        paths.chain.write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
+        paths.client.load_verify_locations(str(paths.ca))
+        return paths
+
+
 class Target:
-    def __init__(self, name: str):
+    def __init__(self, name: str, tls: bool = False):
         self.name = name
+        self.tls = tls and name != "direct"  # the backend stays plain ws behind a proxy
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.log_path: Path | None = None
@@ -434,7 +474,7 @@ class Target:
     @property
     def url(self) -> str:
         """Where the load generator connects."""
-        return f"ws://127.0.0.1:{self.port}{WS_PATH}"
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.port}{WS_PATH}"
 
     @property
     def workers(self) -> int:
@@ -520,6 +560,9 @@ def start_target(t: Target, ctx: dict[str, Any]) -> None:
     cpu = ctx["proxy_cpu"] if t.pinned else None
     env = None
     python = ctx["python"]
+    tls: Certs | None = ctx["tls"]
+    # the Python proxies take the same two options
+    cert_args = ["--certfile", str(tls.chain), "--keyfile", str(tls.key)] if tls else []
     if t.name.startswith("gaia-"):
         loop = t.loop
         cmd = [
@@ -541,6 +584,7 @@ def start_target(t: Target, ctx: dict[str, Any]) -> None:
         ]
         if t.workers > 1:
             cmd += ["--workers", str(t.workers)]
+        cmd += cert_args
         env = gaia_env()
     elif t.name == "nginx":
         d = tmp / "nginx"
@@ -555,6 +599,8 @@ def start_target(t: Target, ctx: dict[str, Any]) -> None:
                 backend=ctx["backend_port"],
                 nofile=ctx["nofile"],
                 wconns=ctx["nginx_wconns"],
+                listen_tls=" ssl" if tls else "",
+                tls=NGINX_TLS.format(cert=tls.chain, key=tls.key) if tls else "",
             )
         )
         cmd = [
@@ -574,6 +620,7 @@ def start_target(t: Target, ctx: dict[str, Any]) -> None:
             str(t.port),
             "--upstream-port",
             str(ctx["backend_port"]),
+            *cert_args,
         ]
     elif t.name == "old":
         cmd = [
@@ -587,6 +634,7 @@ def start_target(t: Target, ctx: dict[str, Any]) -> None:
             upstream,
             "--jwt-secret",
             ctx["secret"],
+            *cert_args,
         ]
     else:
         raise ValueError(t.name)
@@ -597,7 +645,7 @@ def start_target(t: Target, ctx: dict[str, Any]) -> None:
     while time.monotonic() - start < 30:
         if t.proc.poll() is not None:
             raise RuntimeError(f"{t.name} exited with {t.proc.returncode}: {tail(t.log_path)}")
-        if http_ok(t.port) and listeners(t.port) >= t.workers:
+        if http_ok(t.port, tls=tls.client if tls else None) and listeners(t.port) >= t.workers:
             return
         if listening_since is None and port_open(t.port):
             listening_since = time.monotonic()
@@ -684,9 +732,15 @@ def loadgen(
         ",".join(map(str, target_pids(t, ctx))),
         "--backend-pids",
         ",".join(map(str, proc_tree(ctx["backend"].pid))),
+        *cafile_args(ctx),
         *extra,
     ]
     return ctx["loadgen"].run(argv, timeout)
+
+
+def cafile_args(ctx: dict[str, Any]) -> list[str]:
+    tls: Certs | None = ctx["tls"]
+    return ["--cafile", str(tls.ca)] if tls else []
 
 
 def wait_quiet_all(ctx: dict[str, Any], live: dict[str, Target]) -> None:
@@ -707,7 +761,7 @@ def interleaved_window(ctx: dict[str, Any], cfg: dict[str, Any], live: dict[str,
              if n in live and (live[n].proc is None or live[n].proc.poll() is None)]
     if "direct" not in names or len(names) < 2:
         return
-    argv = ["interleaved", "--jwt-secret", ctx["secret"], "--size", "64",
+    argv = ["interleaved", "--jwt-secret", ctx["secret"], "--size", "64", *cafile_args(ctx),
             "--warmup", str(cfg["lat_warmup"]),
             "--duration", str(cfg["lat1x_dur"])]
     for n in names:
@@ -1162,6 +1216,12 @@ def main() -> int:
         f"targets {','.join(MEMORY_TARGETS)} unless --targets is given (~6 min)",
     )
     ap.add_argument(
+        "--tls",
+        action="store_true",
+        help="every proxy terminates TLS: the load generator connects with wss:// (a test CA from "
+        "trustme); direct stays plain ws",
+    )
+    ap.add_argument(
         "--over-runs",
         nargs="+",
         metavar="FILE",
@@ -1176,9 +1236,16 @@ def main() -> int:
     if proxy_build.endswith("(not runnable)"):
         ap.error(f"--python {args.python}: cannot run it")
 
+    if args.tls:
+        try:
+            import trustme  # noqa: F401
+        except ImportError:
+            ap.error("--tls needs trustme: pip install -e '.[bench]'")
+
     cfg: dict[str, Any] = dict(QUICK if args.quick else FULL)
     if args.memory:
         cfg.update(MEMORY)
+    cfg["tls"] = args.tls
     if args.reps:
         cfg["reps"] = args.reps
     if args.idle_conns:
@@ -1253,6 +1320,7 @@ def main() -> int:
         "commands": {},
         "python": args.python,
         "loadgen": LoadgenServer(pin),
+        "tls": None,  # Certs, made in the temp dir with --tls
     }
     scen = scenarios(cfg)
     log(
@@ -1264,6 +1332,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="gaia-e2e-") as tmpd:
             ctx["tmp"] = Path(tmpd)
             reaper(f"tmp {tmpd}")
+            if args.tls:
+                ctx["tls"] = Certs.make(ctx["tmp"])
             ctx["backend_port"] = free_port()
             backend_cmd = [
                 sys.executable,
@@ -1288,7 +1358,7 @@ def main() -> int:
                 log(f"=== rep {rep + 1}/{cfg['reps']}: order {', '.join(order)}")
                 live: dict[str, Target] = {}
                 for name in order:
-                    t = Target(name)
+                    t = Target(name, tls=args.tls)
                     try:
                         start_target(t, ctx)
                         loadgen(ctx, t, "probe", "--count", "200")  # warm-up + sanity
@@ -1750,6 +1820,14 @@ def scaling(summary: dict[str, dict[str, float | None]]) -> list[str]:
 MAIN_TABLE = "<main table>"
 
 
+TLS_TEXT = (
+    "- TLS: every proxy terminated TLS (wss://): one trustme certificate (ECDSA P-256), TLS 1.3 "
+    "(nginx with `ssl_protocols TLSv1.2 TLSv1.3`), session tickets on by default; the loadgen "
+    "verifies the certificate and never resumes a session, so every handshake is a full one; "
+    "`direct` is plain ws (behind a proxy the backend is)"
+)
+
+
 def pin_text(proxy_cpu: int | None) -> str:
     if proxy_cpu is None:
         return "- pinning: none (--no-pin)"
@@ -1786,6 +1864,7 @@ def report(
         )
         + " (the harness itself keeps about 1-2 busy; other work on the machine adds noise)",
         pin_text(proxy_cpu),
+        *([TLS_TEXT] if cfg.get("tls") else []),
         (
             f"- reps: {cfg['reps']} (medians; targets alternate within each rep, order rotated "
             f"per rep); idle test {cfg['idle_reps']} rep"
@@ -1872,7 +1951,10 @@ def report(
         out += [
             "",
             (
-                "Against the issue's bars (gaia-uvloop, 1 process, vs nginx, 1 worker"
+                ("Over TLS, the issue's bars, which it sets for plain ws (the 1 ms handshake "
+                 "budget has no TLS handshake in it) " if cfg.get("tls") else
+                 "Against the issue's bars ")
+                + "(gaia-uvloop, 1 process, vs nginx, 1 worker"
                 + (f", both pinned to CPU {proxy_cpu}" if proxy_cpu is not None else ", unpinned")
                 + "; this run's medians, of the per-rep ratios where a figure is measured "
                 "once per rep):"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import ssl
 from typing import Any
 
 HEALTH = b"GET /health "
@@ -118,10 +119,21 @@ class Client(asyncio.Protocol):
             up.transport.resume_reading()
 
 
-async def main(host: str, port: int, upstream_port: int) -> None:
+def server_tls(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
+    """The context gaia builds for --certfile (gaia_gateway.app), so that over TLS the relay
+    stays the floor: the same handshake, the same records."""
+    if not certfile:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(certfile, keyfile)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+async def main(host: str, port: int, upstream_port: int, tls: ssl.SSLContext | None) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Client(loop, upstream_port), host, port,
-                                      backlog=2048)
+                                      backlog=2048, ssl=tls)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -135,7 +147,9 @@ if __name__ == "__main__":
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--upstream-port", type=int, required=True)
+    ap.add_argument("--certfile", help="serve TLS with this certificate chain (PEM)")
+    ap.add_argument("--keyfile", help="the private key (PEM) for --certfile")
     o = ap.parse_args()
     import uvloop
 
-    uvloop.run(main(o.host, o.port, o.upstream_port))
+    uvloop.run(main(o.host, o.port, o.upstream_port, server_tls(o.certfile, o.keyfile)))
