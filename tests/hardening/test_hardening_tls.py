@@ -1,15 +1,17 @@
-"""Case 21: connections to a wss:// gateway that never finish the TLS handshake.
+"""Case 21: wss:// clients that never finish the TLS handshake, or the TLS close.
 
-The TLS handshake runs in the event loop's TLS protocol, before the gateway's own protocol
-(and its handshake deadline) exists. So two things are the loop's, and both are checked here
-on both loops: how long such a connection may stay (the loop's ``ssl_handshake_timeout``,
-60 s unless the gateway passes its ``handshake_timeout``), and what each one costs in memory
-(asyncio's TLS protocol allocates a 256 KiB read buffer per accepted socket unless the
-gateway's ``transports/tls.py`` is installed).
+The TLS handshake runs in the event loop's TLS protocol before the gateway's own protocol (and
+its handshake deadline) exists, and the TLS close after the gateway closed the transport. So
+these are the loop's, and are checked here on both loops: how long such a connection may stay
+(the loop's ``ssl_handshake_timeout`` and ``ssl_shutdown_timeout``, 60 s and 30 s unless the
+gateway passes its ``handshake_timeout`` and ``close_timeout``), and what a connection costs in
+memory before its handshake (asyncio's TLS protocol allocates a 256 KiB read buffer per
+accepted socket unless the gateway's ``transports/tls.py`` is installed).
 """
 
 from __future__ import annotations
 
+import os
 import selectors
 import socket
 import ssl
@@ -19,8 +21,16 @@ from pathlib import Path
 
 import pytest
 import trustme
-from _support import ALLOWANCE, CountingEcho, Guard, MiB, sockets_closed
-from helpers import HOST
+from _support import (
+    ALLOWANCE,
+    CountingEcho,
+    Guard,
+    MiB,
+    masked,
+    sockets_closed,
+    upgrade_request,
+)
+from helpers import HOST, token
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -98,3 +108,44 @@ def test_case_21_tls_handshake_never_finished(harden: Callable[..., Guard], echo
     # 1,000 sockets held at once, both ends in this process: about 50 MiB on either loop
     # (measured 46-53), against 300 MiB with asyncio's own TLS protocol (256 KiB each)
     g.check(rss_bound=100 * MiB, main_route=True)
+
+
+def test_case_21_tls_close_never_answered(harden: Callable[..., Guard], echo: CountingEcho,
+                                          tls_files: tuple[trustme.CA, str, str]) -> None:
+    """A client closes the websocket, then never answers the gateway's TLS close_notify and
+    keeps its TCP connection open: the gateway drops it at close_timeout (the loop's own
+    bound is 30 s), as it drops a plain client that never closes after the close frames."""
+    ca, certfile, keyfile = tls_files
+    client_ssl = ssl.create_default_context()
+    ca.configure_trust(client_ssl)
+    close_timeout = 1.0
+    g = harden(echo.url(), certfile=certfile, keyfile=keyfile, close_timeout=close_timeout,
+               client_ssl=client_ssl)
+    raw = socket.create_connection((HOST, g.port), timeout=5)
+    with client_ssl.wrap_socket(raw, server_hostname=HOST) as sock:
+        sock.sendall(upgrade_request(f"/ws/experience?token={g.secret(token('tls-closer'))}"))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            assert chunk, head
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101 "), head[:100]
+        sock.sendall(masked(0x8, (1000).to_bytes(2, "big")))
+        t0 = time.monotonic()
+        frames = b""
+        while chunk := sock.recv(4096):  # the close frame, then b"" at the close_notify
+            frames += chunk
+        assert frames.endswith(bytes([0x88, 2]) + (1000).to_bytes(2, "big")), frames
+        # Not answering the close_notify; watching the TCP connection underneath.
+        with socket.socket(fileno=os.dup(sock.fileno())) as tcp:
+            tcp.settimeout(close_timeout + ALLOWANCE + 5)
+            try:
+                assert tcp.recv(4096) == b""
+            except ConnectionResetError:
+                pass
+            except TimeoutError:
+                pytest.fail(f"the TCP connection was still open {tcp.gettimeout():.1f}s after "
+                            "the gateway's close_notify")
+            took = time.monotonic() - t0
+    assert close_timeout - 0.1 <= took < close_timeout + ALLOWANCE, f"dropped after {took:.2f}s"
+    g.check(main_route=True)

@@ -51,11 +51,14 @@ class GatewayServer:
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False,
                     sock: socket.socket | None = None) -> int:
-        # The TLS handshake comes before the protocol (and its handshake deadline) exists, so
-        # the loop bounds it, by the same handshake_timeout (its default is 60 s).
+        # The loop runs the TLS handshake before the protocol (and its handshake deadline)
+        # exists, and the TLS close after the protocol closed the transport; it bounds them by
+        # the gateway's handshake_timeout and close_timeout (its defaults: 60 s and 30 s).
         tls: dict[str, Any] = {"ssl": self.server_ssl}
         if self.server_ssl is not None:
-            tls["ssl_handshake_timeout"] = self.gateway.limits.handshake_timeout
+            limits = self.gateway.limits
+            tls["ssl_handshake_timeout"] = limits.handshake_timeout
+            tls["ssl_shutdown_timeout"] = limits.close_timeout
         if sock is not None:
             self._server = await self.loop.create_server(
                 lambda: ClientProtocol(self), sock=sock, backlog=2048, **tls)
