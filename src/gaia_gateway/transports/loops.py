@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .tls import install_shared_ssl_buffer
+from .tls import install_lean_ssl_protocol
 
 __all__ = ["LOOPS", "new_event_loop", "resolve_loop"]
 
@@ -36,5 +36,5 @@ def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
         except ImportError:
             raise ValueError("--loop uvloop needs the uvloop package (pip install uvloop)") from None
         return uvloop.new_event_loop()
-    install_shared_ssl_buffer()  # asyncio's TLS: 256 KiB per connection otherwise (tls.py)
+    install_lean_ssl_protocol()  # asyncio's TLS: 256 KiB per connection otherwise (tls.py)
     return asyncio.new_event_loop()

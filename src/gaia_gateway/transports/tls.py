@@ -6,18 +6,18 @@ neither, so the uvloop transport needs nothing from this module:
 
 - **256 KiB of memory per connection.** Every ``SSLProtocol`` allocates its own 256 KiB socket
   read buffer, zero-filled, when the TCP connection is accepted: before the handshake, before
-  any byte. 9,000 idle wss:// clients then hold 2.3 GB, and anyone who can open TCP
+  any byte. 9,000 idle wss:// clients then hold over 2 GiB, and anyone who can open TCP
   connections can make the process hold 256 KiB per socket (python/cpython#109534).
-  ``_SharedBufferSSLProtocol`` reads every connection of one loop into one buffer. That is
+  ``_LeanSSLProtocol`` reads every connection of one loop into one buffer. That is
   safe because the transport's read callback hands the bytes to ``buffer_updated``, which
   copies them into the connection's TLS input before returning.
 - **An exception per read.** ``_do_read__copied`` calls ``SSLObject.read`` until it raises
-  ``SSLWantReadError``, and raising it costs about 4 µs here (the ssl module builds a message
-  and looks up OpenSSL's error names), once for every batch of records received. The override
-  stops when neither the input buffer nor OpenSSL holds any more bytes, as uvloop does; a
-  partial record still ends in ``SSLWantReadError``, as before.
+  ``SSLWantReadError``, and raising it costs about 4 µs here (3.8 µs measured, against 0.15
+  for ``pending()``), once for every batch of records received: at a game's tick rate, once
+  per message. The override stops when neither the input buffer nor OpenSSL holds any more
+  bytes, as uvloop does; a partial record still ends in ``SSLWantReadError``, as before.
 
-``install_shared_ssl_buffer`` puts the subclass where asyncio's loops look for the class
+``install_lean_ssl_protocol`` puts the subclass where asyncio's loops look for the class
 (``asyncio.sslproto.SSLProtocol``), so it applies to every asyncio loop of the process, the
 client side (wss:// upstreams) included.
 """
@@ -29,14 +29,14 @@ import weakref
 from asyncio import sslproto
 from typing import Any
 
-__all__ = ["install_shared_ssl_buffer"]
+__all__ = ["install_lean_ssl_protocol"]
 
 _READ_SIZE = sslproto.SSLProtocol.max_size
 _buffers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, memoryview] = (
     weakref.WeakKeyDictionary())
 
 
-class _SharedBufferSSLProtocol(sslproto.SSLProtocol):
+class _LeanSSLProtocol(sslproto.SSLProtocol):
     """asyncio's TLS protocol: one read buffer per loop, no exception per read."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *args: Any, **kwargs: Any) -> None:
@@ -52,6 +52,7 @@ class _SharedBufferSSLProtocol(sslproto.SSLProtocol):
         return self._ssl_buffer_view  # buffer_updated copies out of it at once
 
     def _do_read__copied(self) -> None:
+        # asyncio's own, but for the loop's condition (it loops until SSLWantReadError)
         chunks: list[bytes] = []
         chunk = b"1"
         try:
@@ -69,6 +70,6 @@ class _SharedBufferSSLProtocol(sslproto.SSLProtocol):
             self._start_shutdown()
 
 
-def install_shared_ssl_buffer() -> None:
-    """Make asyncio's loops build ``_SharedBufferSSLProtocol`` for TLS, process-wide."""
-    sslproto.SSLProtocol = _SharedBufferSSLProtocol  # type: ignore[misc]
+def install_lean_ssl_protocol() -> None:
+    """Make asyncio's loops build ``_LeanSSLProtocol`` for TLS, process-wide."""
+    sslproto.SSLProtocol = _LeanSSLProtocol  # type: ignore[misc]
