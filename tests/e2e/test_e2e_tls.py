@@ -191,15 +191,18 @@ def test_tls_records_in_small_pieces(gateway_factory: Callable[..., GatewayHandl
                 sock.sendall(data[i:i + 7])
                 time.sleep(0.0005)
 
+        def fill() -> None:
+            chunk = sock.recv(65536)
+            assert chunk, "the gateway closed the connection"
+            incoming.write(chunk)
+
         def receive(n: int) -> bytes:
             out = b""
             while len(out) < n:
                 try:
                     out += tls.read(n - len(out))
                 except ssl.SSLWantReadError:
-                    chunk = sock.recv(65536)
-                    assert chunk, "the gateway closed the connection"
-                    incoming.write(chunk)
+                    fill()
             return out
 
         while True:
@@ -208,7 +211,7 @@ def test_tls_records_in_small_pieces(gateway_factory: Callable[..., GatewayHandl
                 break
             except ssl.SSLWantReadError:
                 send_pending()
-                incoming.write(sock.recv(65536))
+                fill()
         key = base64.b64encode(os.urandom(16)).decode()
         tls.write((f"GET /ws/experience?token={token()} HTTP/1.1\r\nHost: {HOST}\r\n"
                    f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
