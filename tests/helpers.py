@@ -18,13 +18,15 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import jwt
+import trustme
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
@@ -642,6 +644,36 @@ def encode_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, mask: b
 
 def close_payload(code: int, reason: str = "") -> bytes:
     return struct.pack("!H", code) + reason.encode()
+
+
+def upgrade_request(target: str, *, method: str = "GET", key: bool = True, version: str = "13",
+                    headers: Sequence[tuple[str, str]] = (), host: str = HOST) -> bytes:
+    """A client's upgrade request for ``target``, with a fresh key (or none)."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Upgrade: websocket",
+             "Connection: Upgrade"]
+    if key:
+        lines.append("Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)).decode())
+    if version:
+        lines.append(f"Sec-WebSocket-Version: {version}")
+    lines += [f"{k}: {v}" for k, v in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def gateway_cert_files(ca: trustme.CA, directory: Path) -> tuple[str, str]:
+    """A certificate from ``ca`` for the gateway's address, written to ``directory`` as
+    ``gw.pem`` and ``gw.key``: its ``certfile`` and ``keyfile`` settings."""
+    cert = ca.issue_cert(HOST, "localhost")
+    certfile, keyfile = directory / "gw.pem", directory / "gw.key"
+    cert.cert_chain_pems[0].write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    return str(certfile), str(keyfile)
+
+
+def trusting(ca: trustme.CA) -> ssl.SSLContext:
+    """A client context that trusts ``ca`` (and only it)."""
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
 
 
 class RawWS:

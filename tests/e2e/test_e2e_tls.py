@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import socket
@@ -14,7 +13,18 @@ from pathlib import Path
 
 import pytest
 import trustme
-from helpers import HOST, EchoServer, GatewayHandle, RawWS, encode_frame, handshake_status, token
+from helpers import (
+    HOST,
+    EchoServer,
+    GatewayHandle,
+    RawWS,
+    encode_frame,
+    gateway_cert_files,
+    handshake_status,
+    token,
+    trusting,
+    upgrade_request,
+)
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -31,9 +41,7 @@ class Pki:
     rogue_ctx: ssl.SSLContext  # server context signed by a CA nobody trusts
 
     def client_ctx(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context()
-        self.gateway_ca.configure_trust(ctx)
-        return ctx
+        return trusting(self.gateway_ca)
 
 
 def _server_ctx(ca: trustme.CA) -> ssl.SSLContext:
@@ -46,12 +54,10 @@ def _server_ctx(ca: trustme.CA) -> ssl.SSLContext:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     tmp: Path = tmp_path_factory.mktemp("pki")
     gateway_ca, upstream_ca, rogue_ca = trustme.CA(), trustme.CA(), trustme.CA()
-    cert = gateway_ca.issue_cert(HOST, "localhost")
-    cert.cert_chain_pems[0].write_to_path(str(tmp / "gw.pem"))
-    cert.private_key_pem.write_to_path(str(tmp / "gw.key"))
+    certfile, keyfile = gateway_cert_files(gateway_ca, tmp)
     upstream_ca.cert_pem.write_to_path(str(tmp / "upstream-ca.pem"))
-    return Pki(gateway_ca, str(tmp / "gw.pem"), str(tmp / "gw.key"),
-               str(tmp / "upstream-ca.pem"), _server_ctx(upstream_ca), _server_ctx(rogue_ca))
+    return Pki(gateway_ca, certfile, keyfile, str(tmp / "upstream-ca.pem"),
+               _server_ctx(upstream_ca), _server_ctx(rogue_ca))
 
 
 @pytest.fixture
@@ -212,10 +218,7 @@ def test_tls_records_in_small_pieces(gateway_factory: Callable[..., GatewayHandl
             except ssl.SSLWantReadError:
                 send_pending()
                 fill()
-        key = base64.b64encode(os.urandom(16)).decode()
-        tls.write((f"GET /ws/experience?token={token()} HTTP/1.1\r\nHost: {HOST}\r\n"
-                   f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                   "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        tls.write(upgrade_request(f"/ws/experience?token={token()}"))
         send_pending()
         head = b""
         while not head.endswith(b"\r\n\r\n"):

@@ -17,8 +17,10 @@ reused as they are; what the attacks need on top lives here:
 * :class:`JwksServer`, a JWKS document on a real ``http.server`` counting its fetches;
 * :class:`EchoBackendProcess` / :class:`GatewayProcess`, subprocesses for the cases that need
   signals (SIGKILL of the upstream, SIGTERM of the gateway);
-* raw HTTP helpers (:func:`upgrade_request`, :func:`exchange`, :func:`parse_responses`) and
-  token forgeries (:func:`forge_jwt`, :func:`rsa_keys`).
+* raw HTTP helpers (:func:`exchange`, :func:`parse_responses`; the request itself is
+  ``helpers.upgrade_request``) and token forgeries (:func:`forge_jwt`, :func:`rsa_keys`);
+* :func:`read_until_closed`, for the cases that hold many raw sockets and wait for the
+  gateway to close them.
 """
 
 from __future__ import annotations
@@ -591,18 +593,6 @@ def proc_rss(pid: int) -> int:
 # ----------------------------------------------------------------------------- raw HTTP
 
 
-def upgrade_request(target: str, *, method: str = "GET", key: bool = True, version: str = "13",
-                    headers: Sequence[tuple[str, str]] = (), host: str = HOST) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Upgrade: websocket",
-             "Connection: Upgrade"]
-    if key:
-        lines.append("Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)).decode())
-    if version:
-        lines.append(f"Sec-WebSocket-Version: {version}")
-    lines += [f"{k}: {v}" for k, v in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
 def exchange(port: int, data: bytes | Sequence[bytes], *, timeout: float = 5.0,
              pause: float = 0.0) -> bytes:
     """Connect, send ``data`` (chunks separated by ``pause``), read until the gateway closes;
@@ -783,6 +773,34 @@ def jwks_document(kid: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ misc
+
+
+def read_until_closed(socks: Sequence[socket.socket],
+                      deadline: float) -> tuple[list[bytes], set[int]]:
+    """Read every socket until its peer closes it (a reset counts as the close) or the
+    ``time.monotonic()`` deadline passes: what each one received, and which were closed."""
+    answers = [b""] * len(socks)
+    ended: set[int] = set()
+    sel = selectors.DefaultSelector()
+    for i, s in enumerate(socks):
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, i)
+    try:
+        while len(ended) < len(socks) and time.monotonic() < deadline:
+            for key, _ in sel.select(0.1):
+                i = key.data
+                try:
+                    data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+                except ConnectionResetError:
+                    data = b""
+                if data:
+                    answers[i] += data
+                else:
+                    ended.add(i)
+                    sel.unregister(key.fileobj)
+    finally:
+        sel.close()
+    return answers, ended
 
 
 @contextlib.contextmanager

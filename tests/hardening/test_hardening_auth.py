@@ -28,9 +28,8 @@ from _support import (
     rs256,
     rsa_keys,
     sockets_closed,
-    upgrade_request,
 )
-from helpers import HOST, SECRET, RawWS, token
+from helpers import HOST, SECRET, RawWS, token, upgrade_request
 
 pytestmark = pytest.mark.timeout(60)
 

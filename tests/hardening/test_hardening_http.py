@@ -19,10 +19,10 @@ from _support import (
     exchange,
     one_response,
     parse_responses,
+    read_until_closed,
     sockets_closed,
-    upgrade_request,
 )
-from helpers import HOST, RawWS, token, wait_until
+from helpers import HOST, RawWS, token, upgrade_request, wait_until
 from websockets.sync.client import connect
 
 pytestmark = pytest.mark.timeout(60)
@@ -115,34 +115,14 @@ def test_case_01_slowloris(harden: Callable[..., Guard], echo: CountingEcho, mod
                 pass
         g.sample()
         # Every slowloris connection gets its 408 and is closed, at the handshake timeout.
-        answers: dict[int, bytes] = {}
-        ended: set[int] = set()
-        sel = selectors.DefaultSelector()
-        for i, s in enumerate(socks):
-            s.setblocking(False)
-            sel.register(s, selectors.EVENT_READ, i)
-            answers[i] = b""
-        deadline = t_open + opened + timeout + ALLOWANCE + 1.0
-        while len(ended) < n and time.monotonic() < deadline:
-            for key, _ in sel.select(0.1):
-                i = key.data
-                try:
-                    data = key.fileobj.recv(4096)  # type: ignore[union-attr]
-                except ConnectionResetError:
-                    data = b""
-                if data:
-                    answers[i] += data
-                else:
-                    ended.add(i)
-                    sel.unregister(key.fileobj)
-        sel.close()
+        answers, ended = read_until_closed(socks, t_open + opened + timeout + ALLOWANCE + 1.0)
         done_at = time.monotonic()
         g.sample()
         stop.set()
         worker.join(10)
     assert not errors, f"a legitimate client failed during the slowloris: {errors[0]!r}"
     assert len(ended) == n, f"{n - len(ended)} slowloris connections still open"
-    statuses = {one_response(a).status if a else None for a in answers.values()}
+    statuses = {one_response(a).status if a else None for a in answers}
     assert statuses <= {408, None}, statuses
     assert done_at - t_open < opened + timeout + ALLOWANCE, "the 408s came late"
     assert len(latencies) >= 3

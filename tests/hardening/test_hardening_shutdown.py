@@ -19,9 +19,8 @@ from _support import (
     assert_no_secrets,
     exchange,
     one_response,
-    upgrade_request,
 )
-from helpers import HOST, SECRET, RawWS, free_port, http_request, token, wait_until
+from helpers import HOST, SECRET, RawWS, free_port, http_request, token, upgrade_request, wait_until
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 

@@ -12,13 +12,11 @@ accepted socket unless the gateway's ``transports/tls.py`` is installed).
 from __future__ import annotations
 
 import os
-import selectors
 import socket
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,10 +27,10 @@ from _support import (
     Guard,
     MiB,
     masked,
+    read_until_closed,
     sockets_closed,
-    upgrade_request,
 )
-from helpers import HOST, token
+from helpers import HOST, gateway_cert_files, token, trusting, upgrade_request
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,14 +44,8 @@ class Tls:
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
-    tmp: Path = tmp_path_factory.mktemp("tls21")
     ca = trustme.CA()
-    cert = ca.issue_cert(HOST, "localhost")
-    cert.cert_chain_pems[0].write_to_path(str(tmp / "gw.pem"))
-    cert.private_key_pem.write_to_path(str(tmp / "gw.key"))
-    client_ssl = ssl.create_default_context()
-    ca.configure_trust(client_ssl)
-    return Tls(str(tmp / "gw.pem"), str(tmp / "gw.key"), client_ssl)
+    return Tls(*gateway_cert_files(ca, tmp_path_factory.mktemp("tls21")), trusting(ca))
 
 
 def tls_gateway(harden: Callable[..., Guard], echo: CountingEcho, tls: Tls,
@@ -94,27 +86,11 @@ def test_case_21_tls_handshake_never_finished(harden: Callable[..., Guard], echo
         g.echo("/ws/experience", n=1)
         # Every one is closed by the gateway at the handshake timeout, with not a byte sent
         # back: no ClientHello was complete, so there was nothing to answer.
-        sel = selectors.DefaultSelector()
-        for i, s in enumerate(socks):
-            s.setblocking(False)
-            sel.register(s, selectors.EVENT_READ, i)
-        got = dict.fromkeys(range(n), b"")
-        ended: set[int] = set()
         deadline = t_open + opened + timeout + ALLOWANCE
-        while len(ended) < n and time.monotonic() < deadline + 1.0:
-            for key, _ in sel.select(0.1):
-                try:
-                    data = key.fileobj.recv(65536)  # type: ignore[union-attr]
-                except ConnectionResetError:
-                    data = b""
-                got[key.data] += data
-                if not data:
-                    ended.add(key.data)
-                    sel.unregister(key.fileobj)
-        sel.close()
+        got, ended = read_until_closed(socks, deadline + 1.0)
         done_at = time.monotonic()
     assert len(ended) == n, f"{n - len(ended)} of {n} connections still open at handshake_timeout"
-    assert set(got.values()) == {b""}, "the gateway answered an unfinished ClientHello"
+    assert set(got) == {b""}, "the gateway answered an unfinished ClientHello"
     assert done_at < deadline, f"closed {done_at - t_open:.2f}s after the first was opened"
     assert echo.contacted == 1  # the one normal client
     # 1,000 sockets held at once, both ends in this process: about 50 MiB on either loop

@@ -20,9 +20,17 @@ from _support import (
     exchange,
     frame_header,
     one_response,
-    upgrade_request,
 )
-from helpers import HOST, RawWS, SilentListener, encode_frame, free_port, token, wait_until
+from helpers import (
+    HOST,
+    RawWS,
+    SilentListener,
+    encode_frame,
+    free_port,
+    token,
+    upgrade_request,
+    wait_until,
+)
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
