@@ -125,14 +125,15 @@ def test_tls_health(gateway_factory: Callable[..., GatewayHandle], pki: Pki,
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     assert json.loads(body)["status"] == "ok"
-    # Plain HTTP against the TLS port: no HTTP answer, the connection is just closed.
+    # Plain HTTP against the TLS port (a ws:// URL for a wss:// port): a plain 400 that says
+    # so, as nginx answers, and the connection closes.
     with socket.create_connection((HOST, gw.port), timeout=5) as plain:
         plain.sendall(f"GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
-        try:
-            answer = plain.recv(65536)
-        except ConnectionResetError:
-            answer = b""
-        assert not answer.startswith(b"HTTP/"), answer[:100]
+        answer = b""
+        while chunk := plain.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]
+    assert answer.endswith(b"This port speaks TLS: use wss:// (or https:// for /health).\n")
     assert tls_echo.requests == 0
 
 

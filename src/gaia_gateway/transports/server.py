@@ -13,6 +13,7 @@ from typing import Any
 
 from ..core import Gateway, JwksCache, Rejected, Session
 from .protocol import ClientProtocol
+from .wss import TlsProtocol
 
 __all__ = ["GatewayServer"]
 
@@ -36,6 +37,7 @@ class GatewayServer:
         self.server_ssl = server_ssl
         self.tls = server_ssl is not None
         self.clients: set[ClientProtocol] = set()
+        self.handshaking: set[TlsProtocol] = set()  # wss:// sockets still in the TLS handshake
         self._upstream_ca_file = upstream_ca_file
         self._upstream_ssl: ssl.SSLContext | None = None
         self._jwks_url = jwks_url
@@ -51,22 +53,14 @@ class GatewayServer:
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False,
                     sock: socket.socket | None = None) -> int:
-        # The loop runs the TLS handshake before the protocol (and its handshake deadline)
-        # exists, and the TLS close after the protocol closed the transport; it bounds them by
-        # the gateway's handshake_timeout and close_timeout (its defaults: 60 s and 30 s).
-        tls: dict[str, Any] = {"ssl": self.server_ssl}
-        if self.server_ssl is not None:
-            limits = self.gateway.limits
-            tls["ssl_handshake_timeout"] = limits.handshake_timeout
-            tls["ssl_shutdown_timeout"] = limits.close_timeout
+        # wss:// is terminated by the gateway itself (wss.py), on a plain TCP listener.
+        factory: Any = ((lambda: TlsProtocol(self)) if self.server_ssl is not None
+                        else (lambda: ClientProtocol(self)))
         if sock is not None:
-            self._server = await self.loop.create_server(
-                lambda: ClientProtocol(self), sock=sock, backlog=2048, **tls)
+            self._server = await self.loop.create_server(factory, sock=sock, backlog=2048)
         else:
             self._server = await self.loop.create_server(
-                lambda: ClientProtocol(self), host, port, reuse_port=reuse_port or None,
-                backlog=2048, **tls,
-            )
+                factory, host, port, reuse_port=reuse_port or None, backlog=2048)
         return int(self._server.sockets[0].getsockname()[1])
 
     @property
@@ -91,6 +85,8 @@ class GatewayServer:
                                extra={"fields": {"open": len(self.clients)}})
         if self._server is not None:
             self._server.close()
+        for pending in list(self.handshaking):
+            pending.abort()
         for client in list(self.clients):
             if client.transport is not None:
                 client.transport.abort()

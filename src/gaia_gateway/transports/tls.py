@@ -1,13 +1,15 @@
-"""asyncio's TLS protocol, with two of its costs taken out.
+"""asyncio's TLS protocol, with two of its costs taken out: for wss:// upstreams.
 
-On asyncio's own loop, TLS runs through ``asyncio.sslproto.SSLProtocol`` (CPython 3.11-3.13
-alike). Two of its habits cost a gateway dearly; uvloop's version of the same protocol has
-neither, so the uvloop transport needs nothing from this module:
+The gateway terminates its clients' TLS itself (``wss.py``), on both loops. Its connections to
+wss:// upstreams still run through the loop's TLS protocol, on asyncio's loop
+``asyncio.sslproto.SSLProtocol`` (CPython 3.11-3.13 alike). Two of its habits cost a gateway
+dearly; uvloop's version of the same protocol has neither, so the uvloop transport needs
+nothing from this module:
 
 - **256 KiB of memory per connection.** Every ``SSLProtocol`` allocates its own 256 KiB socket
-  read buffer, zero-filled, when the TCP connection is accepted: before the handshake, before
-  any byte. 9,000 idle wss:// clients then hold over 2 GiB, and anyone who can open TCP
-  connections can make the process hold 256 KiB per socket (python/cpython#109534).
+  read buffer, zero-filled, when its TCP connection is made, before any byte
+  (python/cpython#109534). 9,000 clients of a wss:// upstream mean 9,000 upstream
+  connections: over 2 GiB.
   ``_LeanSSLProtocol`` reads every connection of one loop into one buffer. That is
   safe because the transport's read callback hands the bytes to ``buffer_updated``, which
   copies them into the connection's TLS input before returning.
@@ -18,8 +20,8 @@ neither, so the uvloop transport needs nothing from this module:
   bytes, as uvloop does; a partial record still ends in ``SSLWantReadError``, as before.
 
 ``install_lean_ssl_protocol`` puts the subclass where asyncio's loops look for the class
-(``asyncio.sslproto.SSLProtocol``), so it applies to every asyncio loop of the process, the
-client side (wss:// upstreams) included.
+(``asyncio.sslproto.SSLProtocol``), so it applies to every TLS connection an asyncio loop of
+the process makes.
 """
 
 from __future__ import annotations
