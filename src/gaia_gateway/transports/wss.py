@@ -88,8 +88,9 @@ class ServerTls:
             return self._handshake(data)
         if self.eof:
             return b""
-        self._in.write(data)
-        return self._read()
+        incoming = self._in
+        incoming.write(data)
+        return self._read(incoming)
 
     def _handshake(self, data: bytes) -> bytes:
         if self._started:
@@ -108,19 +109,30 @@ class ServerTls:
         except ssl.SSLError as exc:
             raise self._failure("TLS handshake failed", exc) from None
         self.established = True
-        return self._read()  # what came with the client's last flight, if anything
+        incoming = self._in  # what came with the client's last flight, if anything
+        return self._read(incoming) if incoming.pending else b""
 
-    def _read(self) -> bytes:
-        # Read record by record while bytes remain. Stopping when none do, rather than at
+    def _read(self, incoming: ssl.MemoryBIO) -> bytes:
+        # Record by record while bytes remain. Stopping when none do, rather than at
         # SSLWantReadError, saves raising it (about 4 us) once per read; a partial record
-        # still ends in it.
-        incoming = self._in
+        # still ends in it. The common case, one record, takes one read and no list.
         obj = self._obj
-        chunks: list[bytes] = []
+        try:
+            first = obj.read(_RECORD)
+        except ssl.SSLWantReadError:
+            return b""
+        except ssl.SSLError as exc:
+            raise self._failure("TLS error", exc) from None
+        if not first:  # close_notify
+            self.eof = True
+            return b""
+        if not (incoming.pending or obj.pending()):
+            return first
+        chunks = [first]
         try:
             while incoming.pending or obj.pending():
                 chunk = obj.read(_RECORD)
-                if not chunk:  # close_notify
+                if not chunk:
                     self.eof = True
                     break
                 chunks.append(chunk)
@@ -128,9 +140,7 @@ class ServerTls:
             pass
         except ssl.SSLError as exc:
             raise self._failure("TLS error", exc) from None
-        if not chunks:
-            return b""
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return b"".join(chunks)
 
     def send(self, data: bytes) -> bytes:
         """The bytes that carry ``data`` to the peer."""
