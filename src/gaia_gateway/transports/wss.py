@@ -243,7 +243,7 @@ class TlsProtocol(asyncio.Protocol):
         server.handshaking.discard(self)
         server.gateway.open_connections -= 1  # ClientProtocol.connection_made counts it again
         self._app_made = True
-        self.app.connection_made(self)
+        self.app.connection_made(self)  # type: ignore[arg-type]  # the transport API it uses
 
     def _handshake_timeout(self) -> None:
         self._timer = None
