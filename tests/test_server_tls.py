@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import trustme
+from helpers import trusting
 
 from gaia_gateway.transports.wss import PLAIN_HTTP_ANSWER, ServerTls, TlsFailure
 
@@ -28,12 +29,11 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """The gateway's context, with a certificate for HOST, and a client's that trusts it."""
     ca = trustme.CA()
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert(HOST).configure_cert(server)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return server, client
+    return server, trusting(ca)
 
 
 def new_pair(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> Pair:
