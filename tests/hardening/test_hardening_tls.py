@@ -64,6 +64,17 @@ def _client_hello(ctx: ssl.SSLContext) -> bytes:
     return outgoing.read()
 
 
+def _log_lines(g: Guard, message: str) -> list[str]:
+    """The gateway's text lines with this message (``<time> <level> <message> ...``)."""
+    found = []
+    for entry in g.logs.lines:
+        line = entry.split("\n", 1)[0]
+        parts = line.split(" ", 3)
+        if len(parts) >= 3 and parts[2] == message:
+            found.append(line)
+    return found
+
+
 @pytest.mark.parametrize("attack", ["silent", "half-hello"])
 def test_case_21_tls_handshake_never_finished(harden: Callable[..., Guard], echo: CountingEcho,
                                               tls: Tls, attack: str) -> None:
@@ -93,6 +104,10 @@ def test_case_21_tls_handshake_never_finished(harden: Callable[..., Guard], echo
     assert len(ended) == n, f"{n - len(ended)} of {n} connections still open at handshake_timeout"
     assert set(got) == {b""}, "the gateway answered an unfinished ClientHello"
     assert done_at < deadline, f"closed {done_at - t_open:.2f}s after the first was opened"
+    # ... and each has its log line, with the reason.
+    timeouts = _log_lines(g, "tls")
+    assert len(timeouts) == n, f"{len(timeouts)} tls log lines for {n} timeouts"
+    assert all('reason="TLS handshake timeout"' in line for line in timeouts), timeouts[:3]
     assert echo.contacted == 1  # the one normal client
     # 1,000 sockets held at once, both ends in this process: about 50 MiB on either loop
     # (measured 46-53), against 300 MiB with asyncio's own TLS protocol (256 KiB each)
@@ -133,17 +148,6 @@ def test_case_21_tls_close_never_answered(harden: Callable[..., Guard], echo: Co
         took = time.monotonic() - t0
     assert close_timeout - 0.1 <= took < close_timeout + ALLOWANCE, f"dropped after {took:.2f}s"
     g.check(main_route=True)
-
-
-def _log_lines(g: Guard, message: str) -> list[str]:
-    """The gateway's text lines with this message (``<time> <level> <message> ...``)."""
-    found = []
-    for entry in g.logs.lines:
-        line = entry.split("\n", 1)[0]
-        parts = line.split(" ", 3)
-        if len(parts) >= 3 and parts[2] == message:
-            found.append(line)
-    return found
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")

@@ -218,8 +218,8 @@ class TlsProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self._app_made and not self._eof_given:
             self._eof_given = True
-            self.app.eof_received()
-        return False  # the socket closes: a TLS connection cannot be half open
+            return self.app.eof_received()
+        return False  # the socket closes, as ClientProtocol's does over plain TCP
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
