@@ -42,7 +42,7 @@ limit counts payload bytes as sent, i.e. compressed bytes when permessage-deflat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 __all__ = [
     "CLOSE_GOING_AWAY",
@@ -162,7 +162,7 @@ try:
     from ._speedups import RelayHead as _RelayHead
     from ._speedups import scan_small as _scan_small
 except ImportError:  # not built (no C compiler at install time): the same code in Python
-    _RelayHead = None
+    _RelayHead = None  # type: ignore[misc,assignment]  # the class, or None: tested below
     _scan_small = _scan_small_py
 
 #: "C" when the relay's hot path (``feed``'s common cases and the batch walk) runs in the
@@ -187,7 +187,8 @@ class FrameRelay:
     ``_speedups.c``). Else it makes the relay whose ``feed`` is the Python one below.
     """
 
-    __slots__ = ()
+    if not TYPE_CHECKING:  # its fields are its subclasses' slots (_HEAD_FIELDS, _OWN_FIELDS)
+        __slots__ = ()
 
     def __new__(cls, **kwargs: object) -> Self:
         if cls is FrameRelay:
@@ -456,7 +457,7 @@ class _PyFrameRelay(FrameRelay):
 _Relay: type[FrameRelay] = _PyFrameRelay
 if _RelayHead is not None:
 
-    class _CFrameRelay(_RelayHead, FrameRelay):  # type: ignore[misc,valid-type]
+    class _CFrameRelay(_RelayHead, FrameRelay):
         """The relay with its ``feed`` and hot fields in C (``_speedups.RelayHead``)."""
 
         __slots__ = _OWN_FIELDS

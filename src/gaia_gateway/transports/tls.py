@@ -27,9 +27,10 @@ the process makes.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import weakref
 from asyncio import sslproto
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["install_lean_ssl_protocol"]
 
@@ -41,8 +42,16 @@ _buffers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, memoryview] = (
 class _LeanSSLProtocol(sslproto.SSLProtocol):
     """asyncio's TLS protocol: one read buffer per loop, no exception per read."""
 
+    if TYPE_CHECKING:  # asyncio's own, which typeshed does not declare
+        _incoming: ssl.MemoryBIO
+        _sslobj: ssl.SSLObject
+        _app_protocol: asyncio.Protocol
+
+        def _call_eof_received(self) -> None: ...
+        def _start_shutdown(self) -> None: ...
+
     def __init__(self, loop: asyncio.AbstractEventLoop, *args: Any, **kwargs: Any) -> None:
-        self.max_size = 0  # the size asyncio allocates here: nothing
+        self.max_size = 0  # type: ignore[misc]  # the size asyncio allocates here: nothing
         super().__init__(loop, *args, **kwargs)
         del self.max_size  # the class's read size again
         view = _buffers.get(loop)
