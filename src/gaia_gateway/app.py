@@ -99,6 +99,26 @@ def _server_ssl(settings: Settings) -> ssl.SSLContext | None:
     return ctx
 
 
+def reload_tls(server: GatewayServer, settings: Settings) -> bool:
+    """SIGHUP: read ``certfile`` and ``keyfile`` again. Connections accepted from now on get
+    the new certificate; open ones keep the session they have, so a renewed certificate
+    needs no restart (which would drop every game session). A file that does not load
+    leaves the current certificate in place, with an error line. True if reloaded."""
+    if server.server_ssl is None:
+        log.info("SIGHUP: nothing to reload (no --certfile)")
+        return False
+    try:
+        ctx = _server_ssl(settings)
+    except ConfigError as exc:
+        log.error("TLS certificate reload failed; keeping the current one",
+                  extra={"fields": {"error": str(exc)}})
+        return False
+    server.server_ssl = ctx
+    log.info("TLS certificate reloaded", extra={"fields": {
+        "certfile": settings.certfile, "pid": os.getpid()}})
+    return True
+
+
 async def serve(
     settings: Settings,
     *,
@@ -127,6 +147,10 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread (tests): the caller sets ``stop``
+    try:  # reload, as nginx does; and never die of a HUP, with or without TLS
+        loop.add_signal_handler(signal.SIGHUP, reload_tls, server, settings)
+    except (NotImplementedError, RuntimeError, ValueError):
+        pass
     scheme = "https" if server.tls else "http"
     log.info("listening", extra={"fields": {
         "url": f"{scheme}://{settings.host}:{port}", "loop": type(loop).__module__.split(".")[0],
@@ -171,6 +195,7 @@ def run(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)  # every worker reloads its certificate
     status = 0
     for child in children:
         _, code = os.waitpid(child, 0)

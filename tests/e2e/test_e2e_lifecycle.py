@@ -6,12 +6,16 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+import trustme
 from helpers import (
     HOST,
     SECRET,
@@ -20,9 +24,11 @@ from helpers import (
     RawWS,
     bad_tokens,
     free_port,
+    gateway_cert_files,
     handshake_status,
     http_request,
     token,
+    trusting,
     wait_until,
 )
 from websockets.exceptions import ConnectionClosed
@@ -141,3 +147,90 @@ def test_cli_subprocess(loop_kind: str, echo: EchoServer) -> None:
     assert good not in log and bad not in log  # ...without their tokens
     assert "eyJ" not in log, log
     assert SECRET not in log
+
+
+class _Cli:
+    """``python -m gaia_gateway ARGS`` in a subprocess, its log read by a thread."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "gaia_gateway", *args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     env=_clean_env())
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            self.lines.append(raw.decode("utf-8", "replace"))
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in list(self.lines))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(5)
+        self._reader.join(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        return code
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_reloads_the_tls_certificate(loop_kind: str, workers: int, echo: EchoServer,
+                                            tmp_path: Path) -> None:
+    """A renewed certificate without a restart: SIGHUP makes every worker read the files
+    again. New connections get the new certificate, the session opened before keeps going,
+    and a file that does not load leaves the current certificate with an error line."""
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    certfile, keyfile = gateway_cert_files(old_ca, tmp_path)
+    port = free_port()
+    cli = _Cli("--host", HOST, "--port", str(port), "--jwt-secret", SECRET,
+               "--upstream", echo.url(), "--loop", loop_kind, "--workers", str(workers),
+               "--certfile", certfile, "--keyfile", keyfile, "--log-level", "info")
+    url = f"wss://{HOST}:{port}/ws/experience?token={token()}"
+
+    def echoes(ca: trustme.CA, text: str) -> bool:
+        try:
+            with connect(url, ssl=trusting(ca), open_timeout=3) as ws:
+                ws.send(text)
+                return ws.recv(timeout=3) == text
+        except ssl.SSLCertVerificationError:
+            raise
+        except OSError:
+            assert cli.proc.poll() is None, "".join(cli.lines)
+            return False
+
+    try:
+        assert wait_until(lambda: cli.count("listening") == workers, 15, 0.05), cli.lines
+        assert wait_until(lambda: echoes(old_ca, "before"), 5, 0.05)
+        with connect(url, ssl=trusting(old_ca), open_timeout=3) as before:
+            gateway_cert_files(new_ca, tmp_path)  # the renewed certificate, same files
+            cli.proc.send_signal(signal.SIGHUP)
+            assert wait_until(lambda: cli.count("TLS certificate reloaded") == workers, 5), \
+                cli.lines
+            for i in range(3 * workers):  # whichever worker accepts it
+                assert echoes(new_ca, f"after {i}")
+                with pytest.raises(ssl.SSLCertVerificationError):
+                    echoes(old_ca, "the old CA")
+            before.send("opened before the reload")
+            assert before.recv(timeout=3) == "opened before the reload"
+            # a certificate file caught half written: the current certificate stays
+            Path(certfile).write_text("-----BEGIN CERTIFICATE-----\nnot yet\n")
+            cli.proc.send_signal(signal.SIGHUP)
+            assert wait_until(lambda: cli.count("TLS certificate reload failed") == workers,
+                              5), cli.lines
+            assert echoes(new_ca, "still served")
+            before.send("still open")
+            assert before.recv(timeout=3) == "still open"
+    finally:
+        code = cli.stop()
+    log = "".join(cli.lines)
+    assert code == 0, log
+    assert "eyJ" not in log
