@@ -13,9 +13,12 @@ import base64
 import contextlib
 import hashlib
 import os
+import signal
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -831,3 +834,75 @@ def http_request(port: int, request: str, timeout: float = 5.0) -> tuple[int, di
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return int(status_line.split()[1]), headers, body
+
+
+# ------------------------------------------------------------------- the CLI in a subprocess
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without the gateway's settings (``GAIA_*``, the old secret's name)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("GAIA_") and k != "SUPABASE_JWT_SECRET"}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def proc_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class GatewayProcess:
+    """``python -m gaia_gateway ARGS`` in a subprocess; stderr (its log) collected by a thread."""
+
+    def __init__(self, args: Sequence[str]) -> None:
+        self.args = list(args)
+        self.port = int(self.args[self.args.index("--port") + 1])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gaia_gateway", *self.args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env(),
+        )
+        self._err: list[bytes] = []
+        self._reader = threading.Thread(target=self._read_err, daemon=True)
+        self._reader.start()
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._err.append(line)
+
+    @property
+    def log(self) -> str:
+        return b"".join(self._err).decode("utf-8", "replace")
+
+    def count(self, text: str) -> int:
+        """How many log lines so far contain ``text``."""
+        return sum(text.encode() in line for line in list(self._err))
+
+    def rss(self) -> int:
+        return proc_rss(self.proc.pid)
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, then its exit status (SIGKILL if it is still running after ``timeout``)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        self.close()
+        return self.proc.returncode
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self._reader.join(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()

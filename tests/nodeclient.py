@@ -29,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-__all__ = ["NODE_DIR", "NodeClient", "ensure_node_deps"]
+__all__ = ["NODE_DIR", "NodeClient", "ensure_node_deps", "open_echo_close"]
 
 NODE_DIR = Path(__file__).resolve().parent / "e2e" / "node"
 CLIENT_JS = NODE_DIR / "client.js"
@@ -243,3 +243,19 @@ class NodeClient:
     def _diag(self) -> str:
         tail = "".join(self._stderr[-20:]).strip()
         return f"; node stderr:\n{tail}" if tail else ""
+
+
+def open_echo_close(ws: NodeClient, text: str) -> None:
+    """A session through an echo upstream, as a game client has one: open with the
+    ``game.v1`` subprotocol, echo ``text`` and a 76,800 B binary message (several TLS records
+    over wss://), a ping, then a 4001 close answered with the same code and reason."""
+    assert ws.wait_for("open", 10)["protocol"] == "game.v1"
+    ws.send_text(text)
+    assert ws.next_message() == text
+    payload = bytes(range(256)) * 300
+    ws.send_binary(payload)
+    assert ws.next_message() == payload
+    ws.ping("pp")
+    assert ws.wait_for("pong")["data"] == "pp"
+    ws.close(4001, "bye")
+    assert ws.wait_closed() == (4001, "bye")

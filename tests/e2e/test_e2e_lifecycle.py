@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,8 +19,10 @@ from helpers import (
     SECRET,
     EchoServer,
     GatewayHandle,
+    GatewayProcess,
     RawWS,
     bad_tokens,
+    clean_env,
     free_port,
     gateway_cert_files,
     handshake_status,
@@ -85,13 +85,6 @@ def test_stop_closes_sessions_with_1001(gateway_factory: Callable[..., GatewayHa
     gw.assert_no_loop_errors()
 
 
-def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("GAIA_") and k != "SUPABASE_JWT_SECRET"}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def test_cli_subprocess(loop_kind: str, echo: EchoServer) -> None:
     port = free_port()
     log_format = "json" if loop_kind == "uvloop" else "text"
@@ -99,7 +92,7 @@ def test_cli_subprocess(loop_kind: str, echo: EchoServer) -> None:
         [sys.executable, "-m", "gaia_gateway", "--host", HOST, "--port", str(port),
          "--jwt-secret", SECRET, "--upstream", echo.url(), "--loop", loop_kind,
          "--log-level", "debug", "--log-format", log_format, "--shutdown-grace", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_clean_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(),
     )
     good = token()
     bad = bad_tokens()["wrong secret"]
@@ -149,39 +142,6 @@ def test_cli_subprocess(loop_kind: str, echo: EchoServer) -> None:
     assert SECRET not in log
 
 
-class _Cli:
-    """``python -m gaia_gateway ARGS`` in a subprocess, its log read by a thread."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "gaia_gateway", *args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     env=_clean_env())
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            self.lines.append(raw.decode("utf-8", "replace"))
-
-    def count(self, text: str) -> int:
-        return sum(text in line for line in list(self.lines))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait(5)
-        self._reader.join(5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-        return code
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sighup_reloads_the_tls_certificate(loop_kind: str, workers: int, echo: EchoServer,
                                             tmp_path: Path) -> None:
@@ -191,9 +151,10 @@ def test_sighup_reloads_the_tls_certificate(loop_kind: str, workers: int, echo: 
     old_ca, new_ca = trustme.CA(), trustme.CA()
     certfile, keyfile = gateway_cert_files(old_ca, tmp_path)
     port = free_port()
-    cli = _Cli("--host", HOST, "--port", str(port), "--jwt-secret", SECRET,
-               "--upstream", echo.url(), "--loop", loop_kind, "--workers", str(workers),
-               "--certfile", certfile, "--keyfile", keyfile, "--log-level", "info")
+    cli = GatewayProcess(["--host", HOST, "--port", str(port), "--jwt-secret", SECRET,
+                          "--upstream", echo.url(), "--loop", loop_kind,
+                          "--workers", str(workers), "--certfile", certfile,
+                          "--keyfile", keyfile, "--log-level", "info"])
     url = f"wss://{HOST}:{port}/ws/experience?token={token()}"
 
     def echoes(ca: trustme.CA, text: str) -> bool:
@@ -204,17 +165,17 @@ def test_sighup_reloads_the_tls_certificate(loop_kind: str, workers: int, echo: 
         except ssl.SSLCertVerificationError:
             raise
         except OSError:
-            assert cli.proc.poll() is None, "".join(cli.lines)
+            assert cli.proc.poll() is None, cli.log
             return False
 
     try:
-        assert wait_until(lambda: cli.count("listening") == workers, 15, 0.05), cli.lines
+        assert wait_until(lambda: cli.count("listening") == workers, 15, 0.05), cli.log
         assert wait_until(lambda: echoes(old_ca, "before"), 5, 0.05)
         with connect(url, ssl=trusting(old_ca), open_timeout=3) as before:
             gateway_cert_files(new_ca, tmp_path)  # the renewed certificate, same files
             cli.proc.send_signal(signal.SIGHUP)
             assert wait_until(lambda: cli.count("TLS certificate reloaded") == workers, 5), \
-                cli.lines
+                cli.log
             for i in range(3 * workers):  # whichever worker accepts it
                 assert echoes(new_ca, f"after {i}")
                 with pytest.raises(ssl.SSLCertVerificationError):
@@ -225,12 +186,12 @@ def test_sighup_reloads_the_tls_certificate(loop_kind: str, workers: int, echo: 
             Path(certfile).write_text("-----BEGIN CERTIFICATE-----\nnot yet\n")
             cli.proc.send_signal(signal.SIGHUP)
             assert wait_until(lambda: cli.count("TLS certificate reload failed") == workers,
-                              5), cli.lines
+                              5), cli.log
             assert echoes(new_ca, "still served")
             before.send("still open")
             assert before.recv(timeout=3) == "still open"
     finally:
         code = cli.stop()
-    log = "".join(cli.lines)
+    log = cli.log
     assert code == 0, log
     assert "eyJ" not in log

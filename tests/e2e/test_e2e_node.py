@@ -11,24 +11,14 @@ from helpers import EchoServer, GatewayHandle, bad_tokens, token
 if shutil.which("node") is None or shutil.which("npm") is None:
     pytest.skip("Node.js and npm are needed for the Node client tests", allow_module_level=True)
 
-from nodeclient import NodeClient
+from nodeclient import NodeClient, open_echo_close
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def test_node_open_echo_close(gateway: GatewayHandle, echo: EchoServer) -> None:
     with NodeClient(gateway.url(token()), protocols=["game.v1"]) as ws:
-        opened = ws.wait_for("open", 10)
-        assert opened["protocol"] == "game.v1"
-        ws.send_text("hello from node")
-        assert ws.next_message() == "hello from node"
-        payload = bytes(range(256)) * 300
-        ws.send_binary(payload)
-        assert ws.next_message() == payload
-        ws.ping("pp")
-        assert ws.wait_for("pong")["data"] == "pp"
-        ws.close(4001, "bye")
-        assert ws.wait_closed() == (4001, "bye")
+        open_echo_close(ws, "hello from node")
     rec = echo.wait_record()
     assert rec.closed.wait(3)
     assert (rec.close_code, rec.close_reason) == (4001, "bye")

@@ -239,22 +239,13 @@ def test_tls_node_ws_client(gateway_factory: Callable[..., GatewayHandle], pki: 
     the gateway's TLS termination (records of its own sizes, its own close_notify)."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("Node.js and npm are needed for the Node client")
-    from nodeclient import NodeClient
+    from nodeclient import NodeClient, open_echo_close
 
     ca_file = tmp_path / "gateway-ca.pem"
     pki.gateway_ca.cert_pem.write_to_path(str(ca_file))
     gw = tls_gateway(gateway_factory, pki, tls_echo.url())
     with NodeClient(gw.url(token()), ca=ca_file, protocols=["game.v1"]) as ws:
-        assert ws.wait_for("open", 10)["protocol"] == "game.v1"
-        ws.send_text("hello over wss")
-        assert ws.next_message() == "hello over wss"
-        payload = bytes(range(256)) * 300  # 76,800 B: five TLS records each way
-        ws.send_binary(payload)
-        assert ws.next_message() == payload
-        ws.ping("pp")
-        assert ws.wait_for("pong")["data"] == "pp"
-        ws.close(4001, "bye")
-        assert ws.wait_closed() == (4001, "bye")
+        open_echo_close(ws, "hello over wss")
     rec = tls_echo.wait_record()
     assert rec.closed.wait(3)
     assert (rec.close_code, rec.close_reason) == (4001, "bye")

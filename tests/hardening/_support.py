@@ -15,8 +15,8 @@ reused as they are; what the attacks need on top lives here:
 * :class:`RawUpstream`, an upstream that answers the handshake as told and then sends whatever
   bytes it is given (invalid frames, garbage);
 * :class:`JwksServer`, a JWKS document on a real ``http.server`` counting its fetches;
-* :class:`EchoBackendProcess` / :class:`GatewayProcess`, subprocesses for the cases that need
-  signals (SIGKILL of the upstream, SIGTERM of the gateway);
+* :class:`EchoBackendProcess`, a subprocess upstream for the cases that need signals (SIGKILL
+  of the upstream; the gateway's own, :class:`GatewayProcess`, is ``tests/helpers.py``'s);
 * raw HTTP helpers (:func:`exchange`, :func:`parse_responses`; the request itself is
   ``helpers.upgrade_request``) and token forgeries (:func:`forge_jwt`, :func:`rsa_keys`);
 * :func:`read_until_closed`, for the cases that hold many raw sockets and wait for the
@@ -57,8 +57,10 @@ from helpers import (
     Frame,
     GatewayHandle,
     LoopThread,
+    clean_env,
     encode_frame,
     open_fds,
+    proc_rss,
     rss_bytes,
     token,
     wait_until,
@@ -488,13 +490,6 @@ class JwksServer:
 # ------------------------------------------------------------------------ subprocesses
 
 
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("GAIA_") and k != "SUPABASE_JWT_SECRET"}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
     assert proc.stdout is not None
     sel = selectors.DefaultSelector()
@@ -542,52 +537,6 @@ class EchoBackendProcess:
         if proc.stdout is not None:
             proc.stdout.close()
         self.proc = None
-
-
-class GatewayProcess:
-    """``python -m gaia_gateway`` in a subprocess; stderr (its log) collected by a thread."""
-
-    def __init__(self, args: Sequence[str]) -> None:
-        self.args = list(args)
-        self.port = int(self.args[self.args.index("--port") + 1])
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gaia_gateway", *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env(),
-        )
-        self._err: list[bytes] = []
-        self._reader = threading.Thread(target=self._read_err, daemon=True)
-        self._reader.start()
-
-    def _read_err(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._err.append(line)
-
-    @property
-    def log(self) -> str:
-        return b"".join(self._err).decode("utf-8", "replace")
-
-    def rss(self) -> int:
-        return proc_rss(self.proc.pid)
-
-    def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self._reader.join(5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-
-def proc_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 # ----------------------------------------------------------------------------- raw HTTP

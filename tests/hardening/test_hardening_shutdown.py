@@ -13,14 +13,23 @@ from collections.abc import Iterator
 import pytest
 from _support import (
     ALLOWANCE,
-    GatewayProcess,
     MiB,
     RawUpstream,
     assert_no_secrets,
     exchange,
     one_response,
 )
-from helpers import HOST, SECRET, RawWS, free_port, http_request, token, upgrade_request, wait_until
+from helpers import (
+    HOST,
+    SECRET,
+    GatewayProcess,
+    RawWS,
+    free_port,
+    http_request,
+    token,
+    upgrade_request,
+    wait_until,
+)
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
