@@ -119,6 +119,10 @@ def test_cli_subprocess(loop_kind: str, echo: EchoServer) -> None:
                        {"subprotocols": [f"bearer.{bad}"]}):
             url = f"{base}?token={bad}" if not kwargs else base
             assert handshake_status(url, **kwargs) == 403
+        # a HUP, which reloads a TLS certificate, is harmless without one
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        assert http_request(port, f"GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n")[0] == 200
         proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         _, stderr = proc.communicate(timeout=10)
@@ -130,6 +134,7 @@ def test_cli_subprocess(loop_kind: str, echo: EchoServer) -> None:
     log = stderr.decode("utf-8", "replace")
     assert proc.returncode == 0, log
     assert "listening" in log and "stopped" in log, log
+    assert "SIGHUP: nothing to reload (no --certfile)" in log, log
     # the start line says which frame walk runs: the C one where it was built
     if log_format == "json":
         start = next(json.loads(x) for x in log.splitlines() if '"msg":"listening"' in x)
