@@ -183,10 +183,10 @@ def test_tls_stalled_client_bounded_and_dropped(gateway_factory: Callable[..., G
 
 def test_tls_records_in_small_pieces(gateway_factory: Callable[..., GatewayHandle], pki: Pki,
                                      tls_echo: EchoServer) -> None:
-    """The client's TLS bytes reach the gateway 7 at a time, so most reads of its TLS protocol
-    end inside a record (asyncio's is the gateway's own there, ``transports/tls.py``, which
-    stops reading when no whole record is left): the handshake, the upgrade and an echo still
-    go through, byte for byte."""
+    """The client's TLS bytes reach the gateway 7 at a time, so most reads of its TLS
+    termination (``transports/wss.py``, which stops reading when no whole record is left) end
+    inside a record: the handshake, the upgrade and an echo still go through, byte for
+    byte."""
     gw = tls_gateway(gateway_factory, pki, tls_echo.url())
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = pki.client_ctx().wrap_bio(incoming, outgoing, server_hostname=HOST)

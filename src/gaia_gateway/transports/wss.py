@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core._http import http_response
 from .protocol import ClientProtocol
+from .tls import read_records
 
 if TYPE_CHECKING:
     from .server import GatewayServer
@@ -40,10 +41,6 @@ __all__ = ["ServerTls", "TlsFailure", "TlsProtocol"]
 
 log = logging.getLogger("gaia_gateway.access")
 
-# The largest plaintext a TLS record holds (RFC 8446 5.1): a read returns one record at most,
-# so a larger size only makes each read allocate more (python/cpython's SSLObject.read
-# allocates the size asked for, then shrinks it).
-_RECORD = 16384
 # A TLS connection opens with a record of type 22 (or an SSLv2-style hello, >= 0x80); an HTTP
 # request opens with its method, in capitals.
 _HTTP_FIRST = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -90,7 +87,13 @@ class ServerTls:
             return b""
         incoming = self._in
         incoming.write(data)
-        return self._read(incoming)
+        try:
+            data, eof = read_records(self._obj, incoming)
+        except ssl.SSLError as exc:
+            raise self._failure("TLS error", exc) from None
+        if eof:
+            self.eof = True
+        return data
 
     def _handshake(self, data: bytes) -> bytes:
         if self._started:
@@ -109,38 +112,8 @@ class ServerTls:
         except ssl.SSLError as exc:
             raise self._failure("TLS handshake failed", exc) from None
         self.established = True
-        incoming = self._in  # what came with the client's last flight, if anything
-        return self._read(incoming) if incoming.pending else b""
-
-    def _read(self, incoming: ssl.MemoryBIO) -> bytes:
-        # Record by record while bytes remain. Stopping when none do, rather than at
-        # SSLWantReadError, saves raising it (about 4 us) once per read; a partial record
-        # still ends in it. The common case, one record, takes one read and no list.
-        obj = self._obj
-        try:
-            first = obj.read(_RECORD)
-        except ssl.SSLWantReadError:
-            return b""
-        except ssl.SSLError as exc:
-            raise self._failure("TLS error", exc) from None
-        if not first:  # close_notify
-            self.eof = True
-            return b""
-        if not (incoming.pending or obj.pending()):
-            return first
-        chunks = [first]
-        try:
-            while incoming.pending or obj.pending():
-                chunk = obj.read(_RECORD)
-                if not chunk:
-                    self.eof = True
-                    break
-                chunks.append(chunk)
-        except ssl.SSLWantReadError:
-            pass
-        except ssl.SSLError as exc:
-            raise self._failure("TLS error", exc) from None
-        return b"".join(chunks)
+        # what came with the client's last flight, if anything
+        return self.receive(b"") if self._in.pending else b""
 
     def send(self, data: bytes) -> bytes:
         """The bytes that carry ``data`` to the peer."""
