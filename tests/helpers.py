@@ -231,6 +231,13 @@ class GatewayHandle:
     def port(self) -> int:
         return self._port
 
+    @property
+    def metrics_port(self) -> int:
+        """The ``/metrics`` listener's port (the gateway was given ``metrics_port``)."""
+        metrics = self.server.metrics if self.server is not None else None
+        assert metrics is not None and metrics.port is not None, "no metrics listener"
+        return metrics.port
+
     def url(self, token: str | None = None, experience: str | None = "e2e", *,
             path: str = "/ws/experience", query: str | None = None) -> str:
         scheme = "wss" if self.tls else "ws"
@@ -834,6 +841,29 @@ def http_request(port: int, request: str, timeout: float = 5.0) -> tuple[int, di
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return int(status_line.split()[1]), headers, body
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int) -> Samples:
+    """``GET /metrics`` on a gateway's metrics port, read with prometheus_client's own parser:
+    ``{(sample name, sorted labels): value}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, headers, body = http_request(port, f"GET /metrics HTTP/1.1\r\nHost: {HOST}\r\n\r\n")
+    assert status == 200, (status, body[:200])
+    assert headers["content-type"].startswith("text/plain; version="), headers
+    samples: Samples = {}
+    for family in text_string_to_metric_families(body.decode("utf-8")):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def metric(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; 0 when it is absent (a labelled counter not yet incremented)."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 # ------------------------------------------------------------------- the CLI in a subprocess

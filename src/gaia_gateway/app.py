@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import glob
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
 import sys
+import tempfile
 from collections.abc import Callable
 
 from . import __version__
@@ -27,6 +30,9 @@ from .transports import GatewayServer, new_event_loop, resolve_loop
 __all__ = ["build_gateway", "run", "serve"]
 
 log = logging.getLogger("gaia_gateway")
+
+# prometheus_client's multiprocess directory; it reads the variable when it is imported.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def _read(path: str, what: str) -> bytes:
@@ -136,10 +142,13 @@ async def serve(
     )
     if settings.upstream_ca_file:
         _read(settings.upstream_ca_file, "upstream CA file")
+    metrics_server = await _start_metrics(server, settings) if settings.metrics_port is not None \
+        else None
     try:
         port = await server.start(settings.host, settings.port,
                                   reuse_port=settings.workers > 1, sock=sock)
     except OSError as exc:
+        _stop_metrics(server, metrics_server)
         raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -164,7 +173,37 @@ async def serve(
     log.info("draining", extra={"fields": {"open": len(server.clients),
                                            "grace_s": settings.shutdown_grace}})
     await server.shutdown(settings.shutdown_grace)
+    _stop_metrics(server, metrics_server)
     log.info("stopped", extra={"fields": {"pid": os.getpid()}})
+
+
+def _stop_metrics(server: GatewayServer, listener: asyncio.Server | None) -> None:
+    if listener is not None:
+        listener.close()
+    if server.metrics is not None:
+        server.metrics.stop()
+
+
+async def _start_metrics(server: GatewayServer, settings: Settings) -> asyncio.Server:
+    """The ``/metrics`` listener (shared by the workers, each answering for all)."""
+    from .metrics import Metrics, MetricsProtocol
+
+    metrics = Metrics(server, multiprocess=MULTIPROC_ENV in os.environ)
+    timeout = settings.handshake_timeout
+    try:
+        listener = await server.loop.create_server(
+            lambda: MetricsProtocol(metrics, timeout), settings.metrics_host,
+            settings.metrics_port, reuse_port=settings.workers > 1 or None)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen for metrics on {settings.metrics_host}:"
+                          f"{settings.metrics_port}: {exc.strerror}") from None
+    server.metrics = metrics
+    if settings.workers > 1:
+        metrics.start_publishing(settings.metrics_interval)
+    port = metrics.port = int(listener.sockets[0].getsockname()[1])
+    log.info("metrics", extra={"fields": {
+        "url": f"http://{settings.metrics_host}:{port}/metrics", "pid": os.getpid()}})
+    return listener
 
 
 def run(settings: Settings) -> int:
@@ -175,6 +214,28 @@ def run(settings: Settings) -> int:
         log.warning("weak JWT key", extra={"fields": {"detail": warning}})
     if settings.workers == 1:
         return _run_one(settings, kind)
+    own_dir = _multiprocess_dir() if settings.metrics_port is not None else None
+    try:
+        return _run_workers(settings, kind)
+    finally:
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
+
+
+def _multiprocess_dir() -> str | None:
+    """Where the workers' metrics files go: ``PROMETHEUS_MULTIPROC_DIR`` if set (its old
+    files removed, as prometheus_client asks), else a new directory, removed at exit."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if path:
+        for old in glob.glob(os.path.join(path, "*.db")):
+            os.remove(old)
+        return None
+    path = tempfile.mkdtemp(prefix="gaia-metrics-")
+    os.environ[MULTIPROC_ENV] = path  # before prometheus_client is imported: it reads it then
+    return path
+
+
+def _run_workers(settings: Settings, kind: str) -> int:
     children: list[int] = []
     for _ in range(settings.workers):
         pid = os.fork()
@@ -197,9 +258,13 @@ def run(settings: Settings) -> int:
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, forward)  # every worker reloads its certificate
     status = 0
-    for child in children:
-        _, code = os.waitpid(child, 0)
+    for _ in children:
+        pid, code = os.wait()
         status = status or os.waitstatus_to_exitcode(code)
+        if settings.metrics_port is not None:  # its live gauges leave the sums
+            from prometheus_client.multiprocess import mark_process_dead
+
+            mark_process_dead(pid)  # type: ignore[no-untyped-call]
     return status
 
 

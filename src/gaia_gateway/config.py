@@ -71,6 +71,12 @@ def _port(text: str) -> int:
     return value
 
 
+def _optional_port(text: str) -> int | None:
+    if text.strip().lower() in ("", "off", "none"):
+        return None
+    return _port(text)
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -140,6 +146,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("send_timeout", _seconds, 30.0, "drop a client that reads nothing for this long"),
     Option("write_buffer", _size, 64 * 1024, "per-socket write buffer high-water mark"),
     Option("shutdown_grace", _seconds, 10.0, "seconds to drain sessions on SIGTERM/SIGINT"),
+    Option("metrics_port", _optional_port, None,
+           "serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (unset: off; 0: any port)"),
+    Option("metrics_host", str, "127.0.0.1", "address of the metrics listener"),
+    Option("metrics_interval", _seconds, 5.0,
+           "with --workers: seconds between two updates of each worker's share of the metrics"),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 

@@ -30,7 +30,16 @@ from _support import (
     read_until_closed,
     sockets_closed,
 )
-from helpers import HOST, gateway_cert_files, token, trusting, upgrade_request, wait_until
+from helpers import (
+    HOST,
+    gateway_cert_files,
+    metric,
+    scrape,
+    token,
+    trusting,
+    upgrade_request,
+    wait_until,
+)
 from websockets.exceptions import InvalidStatus
 
 pytestmark = pytest.mark.timeout(60)
@@ -79,7 +88,7 @@ def _log_lines(g: Guard, message: str) -> list[str]:
 def test_case_21_tls_handshake_never_finished(harden: Callable[..., Guard], echo: CountingEcho,
                                               tls: Tls, attack: str) -> None:
     timeout = 1.0
-    g = tls_gateway(harden, echo, tls, handshake_timeout=timeout)
+    g = tls_gateway(harden, echo, tls, handshake_timeout=timeout, metrics_port=0)
     hello = _client_hello(tls.client_ssl)
     first = hello[: len(hello) // 2] if attack == "half-hello" else b""
     n = 1000
@@ -108,6 +117,9 @@ def test_case_21_tls_handshake_never_finished(harden: Callable[..., Guard], echo
     timeouts = _log_lines(g, "tls")
     assert len(timeouts) == n, f"{len(timeouts)} tls log lines for {n} timeouts"
     assert all('reason="TLS handshake timeout"' in line for line in timeouts), timeouts[:3]
+    # ... and the metrics count them.
+    assert metric(scrape(g.gw.metrics_port), "gaia_gateway_tls_failures_total",
+                  kind="timeout") == n
     assert echo.contacted == 1  # the one normal client
     # 1,000 sockets held at once, both ends in this process: about 50 MiB on either loop
     # (measured 46-53), against 300 MiB with asyncio's own TLS protocol (256 KiB each)
@@ -158,7 +170,7 @@ def test_case_21_tls_failures_answered_and_logged(harden: Callable[..., Guard],
     """A client that cannot speak TLS with the gateway: every one gets a log line with the
     reason, nothing reaches the upstream, and a plain HTTP request gets a plain 400 that
     says what to do (nginx answers the same way)."""
-    g = tls_gateway(harden, echo, tls)
+    g = tls_gateway(harden, echo, tls, metrics_port=0)
     answer = b""
     raw = socket.create_connection((HOST, g.port), timeout=5)
     with raw:
@@ -195,6 +207,10 @@ def test_case_21_tls_failures_answered_and_logged(harden: Callable[..., Guard],
     else:
         assert not answer.startswith(b"HTTP/")
     assert echo.tcp_accepts == 0
+    kind = "plain_http" if client == "plain-http" else "handshake"
+    s = scrape(g.gw.metrics_port)
+    assert metric(s, "gaia_gateway_tls_failures_total", kind=kind) == 1
+    assert sum(v for (name, _), v in s.items() if name == "gaia_gateway_tls_failures_total") == 1
     g.check()
 
 

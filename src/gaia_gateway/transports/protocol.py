@@ -141,6 +141,9 @@ class ClientProtocol(asyncio.Protocol):
         self._released = True
         self._cancel_timer()
         self.server.clients.discard(self)
+        metrics = self.server.metrics
+        if metrics is not None and self.session is not None:
+            metrics.finished(self.session)
         self._log_close()
         self.server.connection_done()
 
@@ -186,6 +189,8 @@ class ClientProtocol(asyncio.Protocol):
                 if up is not None:
                     up.u2c = self.session.u2c  # type: ignore[union-attr]
                 self.server.log_open(self.session)  # type: ignore[arg-type]
+                if self.server.metrics is not None:
+                    self.server.metrics.opened(self.session)  # type: ignore[arg-type]
             elif kind is Rejected:
                 self.server.log_reject(self.session, action)  # type: ignore[arg-type]
             elif kind is FetchKeys:

@@ -9,11 +9,14 @@ import socket
 import ssl
 import time
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core import Gateway, JwksCache, Rejected, Session
 from .protocol import ClientProtocol
 from .wss import TlsProtocol
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 __all__ = ["GatewayServer"]
 
@@ -38,6 +41,7 @@ class GatewayServer:
         self.tls = server_ssl is not None
         self.clients: set[ClientProtocol] = set()
         self.handshaking: set[TlsProtocol] = set()  # wss:// sockets still in the TLS handshake
+        self.metrics: Metrics | None = None  # with --metrics-port
         self._upstream_ca_file = upstream_ca_file
         self._upstream_ssl: ssl.SSLContext | None = None
         self._jwks_url = jwks_url

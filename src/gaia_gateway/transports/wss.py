@@ -49,11 +49,17 @@ PLAIN_HTTP_ANSWER = http_response(
 
 
 class TlsFailure(Exception):
-    """The connection cannot go on: say ``reason`` in the log, send ``answer``, close."""
+    """The connection cannot go on: say ``reason`` in the log, send ``answer``, close.
 
-    def __init__(self, reason: str, answer: bytes = b"", status: int | None = None) -> None:
+    ``kind`` is the metrics' label: plain_http, handshake (refused by OpenSSL), or error (a
+    bad record after the handshake).
+    """
+
+    def __init__(self, reason: str, answer: bytes = b"", status: int | None = None,
+                 kind: str = "handshake") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind
         self.answer = answer  # a TLS alert, or a plain HTTP answer; may be empty
         self.status = status  # the HTTP status of ``answer``, if it is one
 
@@ -90,7 +96,7 @@ class ServerTls:
         try:
             data, eof = read_records(self._obj, incoming)
         except ssl.SSLError as exc:
-            raise self._failure("TLS error", exc) from None
+            raise self._failure("TLS error", exc, "error") from None
         if eof:
             self.eof = True
         return data
@@ -103,14 +109,15 @@ class ServerTls:
             self._started = True
             if data[0] in _HTTP_FIRST:
                 self.eof = True
-                raise TlsFailure("plain HTTP request on the TLS port", PLAIN_HTTP_ANSWER, 400)
+                raise TlsFailure("plain HTTP request on the TLS port", PLAIN_HTTP_ANSWER, 400,
+                                 "plain_http")
         self._in.write(data)
         try:
             self._obj.do_handshake()
         except ssl.SSLWantReadError:
             return b""
         except ssl.SSLError as exc:
-            raise self._failure("TLS handshake failed", exc) from None
+            raise self._failure("TLS handshake failed", exc, "handshake") from None
         self.established = True
         # what came with the client's last flight, if anything
         return self.receive(b"") if self._in.pending else b""
@@ -129,10 +136,10 @@ class ServerTls:
                 pass  # SSLWantReadError: the peer's close_notify, which we do not wait for
         return self.outgoing.read()
 
-    def _failure(self, what: str, exc: ssl.SSLError) -> TlsFailure:
+    def _failure(self, what: str, exc: ssl.SSLError, kind: str) -> TlsFailure:
         self.eof = True
         reason = exc.reason or type(exc).__name__
-        return TlsFailure(f"{what}: {reason}", self.outgoing.read())
+        return TlsFailure(f"{what}: {reason}", self.outgoing.read(), kind=kind)
 
 
 class TlsProtocol(asyncio.Protocol):
@@ -220,12 +227,12 @@ class TlsProtocol(asyncio.Protocol):
 
     def _handshake_timeout(self) -> None:
         self._timer = None
-        self._log("TLS handshake timeout", None)
+        self._report("TLS handshake timeout", None, "timeout")
         if self.raw is not None:
             self.raw.abort()
 
     def _fail(self, failure: TlsFailure) -> None:
-        self._log(failure.reason, failure.status)
+        self._report(failure.reason, failure.status, failure.kind)
         raw = self.raw
         if raw is None or raw.is_closing():
             return
@@ -252,7 +259,10 @@ class TlsProtocol(asyncio.Protocol):
             self._linger.cancel()
             self._linger = None
 
-    def _log(self, reason: str, status: int | None) -> None:
+    def _report(self, reason: str, status: int | None, kind: str) -> None:
+        metrics = self.server.metrics
+        if metrics is not None:
+            metrics.tls_failed(kind)
         if log.isEnabledFor(logging.WARNING):
             peer = self.raw.get_extra_info("peername") if self.raw is not None else None
             addr = peer[0] if isinstance(peer, tuple) else str(peer or "unknown")
