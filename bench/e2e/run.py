@@ -85,9 +85,12 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-ALL_TARGETS = [
+DEFAULT_TARGETS = [
     "direct", "gaia-uvloop", "gaia-uvloop-w2", "gaia-asyncio", "nginx", "tcp-relay", "old",
 ]
+# only when named with --targets: gaia with its Prometheus metrics on (--metrics-port), to
+# measure what they cost beside gaia-uvloop
+ALL_TARGETS = [*DEFAULT_TARGETS[:2], "gaia-uvloop-metrics", *DEFAULT_TARGETS[2:]]
 # the 9,000-connection memory run (--memory): the old design opens ~130 conns/s, so it is left
 # out unless named with --targets
 MEMORY_TARGETS = ["direct", "gaia-uvloop", "gaia-asyncio", "nginx"]
@@ -586,6 +589,8 @@ def start_target(t: Target, ctx: dict[str, Any]) -> None:
         ]
         if t.workers > 1:
             cmd += ["--workers", str(t.workers)]
+        if t.name.endswith("-metrics"):
+            cmd += ["--metrics-port", "0"]
         cmd += cert_args
         env = gaia_env()
     elif t.name == "nginx":
@@ -1176,7 +1181,8 @@ def main() -> int:
     ap.add_argument(
         "--reps", type=int, help="repetitions (default 3, quick 1); medians are reported"
     )
-    ap.add_argument("--targets", help=f"comma list from {','.join(ALL_TARGETS)} (default all)")
+    ap.add_argument("--targets", help=f"comma list from {','.join(ALL_TARGETS)} "
+                    "(default: all but gaia-uvloop-metrics)")
     ap.add_argument("--json", metavar="FILE", help="save raw per-rep results as JSON")
     ap.add_argument("--no-pin", action="store_true", help="do not pin processes with taskset")
     ap.add_argument(
@@ -1270,7 +1276,8 @@ def main() -> int:
     targets_arg = args.targets
     if args.memory and targets_arg is None:
         targets_arg = ",".join(MEMORY_TARGETS)
-    wanted = [x.strip() for x in (targets_arg or ",".join(ALL_TARGETS)).split(",") if x.strip()]
+    wanted = [x.strip() for x in (targets_arg or ",".join(DEFAULT_TARGETS)).split(",")
+              if x.strip()]
     bad = [x for x in wanted if x not in ALL_TARGETS]
     if bad:
         ap.error(f"unknown target(s): {', '.join(bad)}")
