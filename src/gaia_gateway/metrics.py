@@ -101,7 +101,10 @@ class Metrics:
         self.sessions = Gauge(
             "gaia_gateway_sessions", "Open websocket sessions (relaying or closing)",
             registry=own, multiprocess_mode="livesum")
+        # Label children, looked up once: labels() takes a lock and builds a key each time.
         self._status_children: dict[int | None, Any] = {}
+        self._close_children: dict[tuple[str, int | None], Any] = {}
+        self._ended_children: dict[str | None, Any] = {}
         # Totals of the sessions already released, and what the counters have been given.
         self._done = [0, 0, 0, 0]  # messages from/to the client, bytes from/to the client
         self._given = [0, 0, 0, 0]
@@ -133,13 +136,22 @@ class Metrics:
             done[1] += u2c.messages
             done[2] += c2u.bytes
             done[3] += u2c.bytes
-            self.sessions_ended.labels(session.initiator or "gateway").inc()
+            initiator = session.initiator
+            child = self._ended_children.get(initiator)
+            if child is None:
+                child = self._ended_children[initiator] = self.sessions_ended.labels(
+                    initiator or "gateway")
+            child.inc()
+            closes = self._close_children
             for side, close in (("client", session.client_close),
                                 ("upstream", session.upstream_close),
                                 ("gateway", session.gateway_close)):
                 if close is not None:
-                    code = close[0]
-                    self.closes.labels(side, str(code if code is not None else 1005)).inc()
+                    child = closes.get((side, close[0]))
+                    if child is None:  # codes are bounded: 1000-1015, 3000-4999
+                        code = close[0] if close[0] is not None else 1005
+                        child = closes[(side, close[0])] = self.closes.labels(side, str(code))
+                    child.inc()
             if session.ended is not None:
                 self.session_seconds.observe(session.ended - session.started)
         else:  # refused, /health, or left: 101s are counted when they happen
