@@ -918,6 +918,12 @@ class GatewayProcess:
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
+    def worker_pids(self) -> list[int]:
+        """The processes it forked (``--workers``)."""
+        pid = self.proc.pid
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(p) for p in fh.read().split()]
+
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM, then its exit status (SIGKILL if it is still running after ``timeout``)."""
         if self.proc.poll() is None:

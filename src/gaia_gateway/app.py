@@ -12,6 +12,7 @@ import socket
 import ssl
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 
 from . import __version__
@@ -30,6 +31,11 @@ from .transports import GatewayServer, new_event_loop, resolve_loop
 __all__ = ["build_gateway", "run", "serve"]
 
 log = logging.getLogger("gaia_gateway")
+
+# With --workers, a worker that dies is replaced, unless more than RESPAWN_LIMIT die within
+# RESPAWN_WINDOW seconds: then something is wrong that a new process will not mend.
+RESPAWN_LIMIT = 5
+RESPAWN_WINDOW = 60.0
 
 # prometheus_client's multiprocess directory; it reads the variable when it is imported.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -236,35 +242,70 @@ def _multiprocess_dir() -> str | None:
 
 
 def _run_workers(settings: Settings, kind: str) -> int:
-    children: list[int] = []
-    for _ in range(settings.workers):
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            code = 1
-            try:
-                code = _run_one(settings, kind)
-            finally:
-                os._exit(code)
-        children.append(pid)
+    """Fork the workers, forward signals to them, and replace one that dies."""
+    children: set[int] = set()
+    deaths: list[float] = []  # when workers died, for the respawn limit
+    stopping = False
+    status = 0
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def spawn() -> None:
+        # Signals wait while the worker is forked: it must not run the parent's handler.
+        signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 1
+                try:
+                    for sig in handled:
+                        signal.signal(sig, signal.SIG_DFL)  # its event loop sets its own
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+                    code = _run_one(settings, kind)
+                finally:
+                    os._exit(code)
+            children.add(pid)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
 
     def forward(signum: int, _frame: object) -> None:
-        for child in children:
+        nonlocal stopping
+        if signum != signal.SIGHUP:  # every worker reloads its certificate on a HUP
+            stopping = True
+        for child in list(children):
             try:
                 os.kill(child, signum)
             except ProcessLookupError:
                 pass
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, forward)  # every worker reloads its certificate
-    status = 0
-    for _ in children:
+    for sig in handled:
+        signal.signal(sig, forward)
+    for _ in range(settings.workers):
+        spawn()
+    while children:
         pid, code = os.wait()
-        status = status or os.waitstatus_to_exitcode(code)
+        children.discard(pid)
         if settings.metrics_port is not None:  # its live gauges leave the sums
             from prometheus_client.multiprocess import mark_process_dead
 
             mark_process_dead(pid)  # type: ignore[no-untyped-call]
+        exit_code = os.waitstatus_to_exitcode(code)
+        if stopping:
+            status = status or exit_code
+            continue
+        # Not asked to stop: a crash, the OOM killer, a signal sent to the worker alone.
+        # Replace it, as nginx's master does, unless workers keep dying.
+        now = time.monotonic()
+        deaths = [t for t in deaths if now - t < RESPAWN_WINDOW] + [now]
+        fields = {"pid": pid, "exit": f"signal {-exit_code}" if exit_code < 0
+                  else f"status {exit_code}"}
+        if len(deaths) > RESPAWN_LIMIT:
+            log.error("worker exited; workers keep dying: stopping the gateway", extra={
+                "fields": {**fields, "deaths": len(deaths), "within_s": RESPAWN_WINDOW}})
+            status = 1
+            forward(signal.SIGTERM, None)
+            continue
+        log.error("worker exited; starting another", extra={"fields": fields})
+        spawn()
     return status
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import ssl
 import subprocess
@@ -200,3 +201,60 @@ def test_sighup_reloads_the_tls_certificate(loop_kind: str, workers: int, echo: 
     log = cli.log
     assert code == 0, log
     assert "eyJ" not in log
+
+
+def _workers(echo: EchoServer, port: int) -> GatewayProcess:
+    gw = GatewayProcess(["--port", str(port), "--host", HOST, "--upstream", echo.url(),
+                         "--jwt-secret", SECRET, "--workers", "2"])
+    assert wait_until(lambda: gw.count("listening") == 2, 10), gw.log
+    return gw
+
+
+def test_a_dead_worker_is_replaced(echo: EchoServer) -> None:
+    """A worker killed (a crash, the OOM killer) is replaced, with a log line, and the new
+    one takes its share of the port; the gateway still stops cleanly."""
+    port = free_port()
+    gw = _workers(echo, port)
+    try:
+        first = gw.worker_pids()
+        assert len(first) == 2
+        os.kill(first[0], signal.SIGKILL)
+        assert wait_until(lambda: gw.count("listening") == 3, 10), gw.log
+        now = gw.worker_pids()
+        assert len(now) == 2 and first[0] not in now and first[1] in now, (first, now)
+        new = next(pid for pid in now if pid != first[1])
+        line = next(x for x in gw.log.splitlines() if "worker exited" in x)
+        assert "error worker exited; starting another" in line, line
+        assert f"pid={first[0]}" in line and 'exit="signal 9"' in line, line
+        # SO_REUSEPORT spreads 20 sessions over both: the new worker holds some of them.
+        fds = len(os.listdir(f"/proc/{new}/fd"))
+        with contextlib.ExitStack() as stack:
+            for i in range(20):
+                ws = stack.enter_context(connect(
+                    f"ws://{HOST}:{port}/ws/experience?token={token()}", open_timeout=5))
+                ws.send(f"m{i}")
+                assert ws.recv(timeout=3) == f"m{i}"
+            assert len(os.listdir(f"/proc/{new}/fd")) >= fds + 2  # a client and its upstream
+    finally:
+        status = gw.stop()
+    assert status == 0, gw.log
+
+
+def test_workers_that_keep_dying_stop_the_gateway(echo: EchoServer) -> None:
+    """Workers that die again and again are not replaced forever: after 5 replacements, the
+    sixth death within a minute stops the gateway with status 1 and says why."""
+    gw = _workers(echo, free_port())
+    try:
+        killed: set[int] = set()
+        deadline = time.monotonic() + 30
+        while gw.proc.poll() is None and time.monotonic() < deadline:
+            for pid in gw.worker_pids():
+                if pid not in killed:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+            time.sleep(0.02)
+        assert gw.proc.wait(10) == 1, gw.log
+    finally:
+        gw.close()
+    assert gw.count("worker exited; starting another") == 5, gw.log
+    assert gw.count("workers keep dying: stopping the gateway") == 1, gw.log
