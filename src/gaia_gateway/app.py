@@ -292,6 +292,10 @@ def _run_workers(settings: Settings, kind: str) -> int:
         if stopping:
             status = status or exit_code
             continue
+        if exit_code == 2:  # its settings cannot work (it said why): another would fail alike
+            status = 2
+            forward(signal.SIGTERM, None)
+            continue
         # Not asked to stop: a crash, the OOM killer, a signal sent to the worker alone.
         # Replace it, as nginx's master does, unless workers keep dying.
         now = time.monotonic()

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -258,3 +259,17 @@ def test_workers_that_keep_dying_stop_the_gateway(echo: EchoServer) -> None:
         gw.close()
     assert gw.count("worker exited; starting another") == 5, gw.log
     assert gw.count("workers keep dying: stopping the gateway") == 1, gw.log
+
+
+def test_workers_that_cannot_listen_are_not_replaced() -> None:
+    """A worker that exits with status 2 (here: the port is taken) said why, and another
+    would fail alike: the gateway stops with status 2, replacing none."""
+    with socket.create_server((HOST, 0)) as taken:
+        port = taken.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-m", "gaia_gateway", "--host", HOST, "--port", str(port),
+             "--jwt-secret", SECRET, "--workers", "2"],
+            check=False, capture_output=True, text=True, env=clean_env(), timeout=30)
+    assert run.returncode == 2, run.stderr
+    assert f"gaia-gateway: error: cannot listen on {HOST}:{port}" in run.stderr, run.stderr
+    assert "starting another" not in run.stderr, run.stderr
