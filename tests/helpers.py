@@ -888,12 +888,12 @@ def proc_rss(pid: int) -> int:
 class GatewayProcess:
     """``python -m gaia_gateway ARGS`` in a subprocess; stderr (its log) collected by a thread."""
 
-    def __init__(self, args: Sequence[str]) -> None:
+    def __init__(self, args: Sequence[str], env: Mapping[str, str] | None = None) -> None:
         self.args = list(args)
         self.port = int(self.args[self.args.index("--port") + 1])
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gaia_gateway", *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env(),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**clean_env(), **(env or {})},
         )
         self._err: list[bytes] = []
         self._reader = threading.Thread(target=self._read_err, daemon=True)

@@ -218,23 +218,26 @@ def run(settings: Settings) -> int:
     gateway = build_gateway(settings)  # fail fast, once, before forking
     for warning in gateway.auth.warnings:  # e.g. a short HMAC secret
         log.warning("weak JWT key", extra={"fields": {"detail": warning}})
-    if settings.workers == 1:
-        return _run_one(settings, kind)
-    own_dir = _multiprocess_dir() if settings.metrics_port is not None else None
+    own_dir = _multiprocess_dir(settings) if settings.metrics_port is not None else None
     try:
+        if settings.workers == 1:
+            return _run_one(settings, kind)
         return _run_workers(settings, kind)
     finally:
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)
 
 
-def _multiprocess_dir() -> str | None:
-    """Where the workers' metrics files go: ``PROMETHEUS_MULTIPROC_DIR`` if set (its old
-    files removed, as prometheus_client asks), else a new directory, removed at exit."""
+def _multiprocess_dir(settings: Settings) -> str | None:
+    """Where the metrics files go: ``PROMETHEUS_MULTIPROC_DIR`` if set, with its old files
+    removed (as prometheus_client asks: a scrape sums every file in it), even for one
+    process; else, for workers, a new directory, removed at exit (returned)."""
     path = os.environ.get(MULTIPROC_ENV)
     if path:
         for old in glob.glob(os.path.join(path, "*.db")):
             os.remove(old)
+        return None
+    if settings.workers == 1:
         return None
     path = tempfile.mkdtemp(prefix="gaia-metrics-")
     os.environ[MULTIPROC_ENV] = path  # before prometheus_client is imported: it reads it then

@@ -217,3 +217,27 @@ def test_metrics_from_the_config_file_and_bad_values(tmp_path: Path, echo: EchoS
                 check=False, capture_output=True, text=True, env=clean_env(), timeout=30)
         assert bad.returncode == 2, bad.stderr
         assert error in bad.stderr, bad.stderr
+
+
+def test_metrics_in_a_given_multiproc_dir_start_from_zero(tmp_path: Path,
+                                                          echo: EchoServer) -> None:
+    """With ``PROMETHEUS_MULTIPROC_DIR`` set, even one process keeps its values in that
+    directory, and a scrape sums every file there: a restart must not count the previous
+    run's sessions again. The directory itself is the user's and stays."""
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for run in range(2):
+        port, mport = free_port(), free_port()
+        gw = GatewayProcess(["--port", str(port), "--host", HOST, "--upstream", echo.url(),
+                             "--jwt-secret", SECRET, "--metrics-port", str(mport)], env=env)
+        try:
+            assert wait_until(lambda: gw.count("listening") == 1, 10), gw.log  # noqa: B023
+            assert metric(scrape(mport), C + "requests_total", status="101") == 0, run
+            with connect(f"ws://{HOST}:{port}/ws/experience?token={token()}",
+                         open_timeout=5) as ws:
+                ws.send("x")
+                assert ws.recv(timeout=3) == "x"
+            assert metric(scrape(mport), C + "requests_total", status="101") == 1
+        finally:
+            assert gw.stop() == 0
+        assert list(tmp_path.glob("*.db")), "the values were not in the directory"
+    assert tmp_path.is_dir()
