@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -241,3 +245,65 @@ def test_metrics_in_a_given_multiproc_dir_start_from_zero(tmp_path: Path,
             assert gw.stop() == 0
         assert list(tmp_path.glob("*.db")), "the values were not in the directory"
     assert tmp_path.is_dir()
+
+
+def _prometheus_binary() -> str:
+    path = shutil.which("prometheus")
+    if path is None:
+        pytest.fail("'prometheus' not found on PATH: this test has a real Prometheus server "
+                    "scrape the gateway (Debian: `apt-get install prometheus`)")
+    return path
+
+
+def test_a_real_prometheus_scrapes_the_workers(tmp_path: Path, echo: EchoServer) -> None:
+    """Prometheus itself (Debian's server) scrapes a two-worker gateway, and its query API
+    gives the gateway's figures: what an operator's dashboards would read."""
+    binary = _prometheus_binary()
+    port, mport, pport = free_port(), free_port(), free_port()
+    conf = tmp_path / "prometheus.yml"
+    conf.write_text("global:\n  scrape_interval: 250ms\n  scrape_timeout: 200ms\n"
+                    "scrape_configs:\n  - job_name: gaia\n    static_configs:\n"
+                    f"      - targets: ['{HOST}:{mport}']\n")
+    gw = GatewayProcess(["--port", str(port), "--host", HOST, "--upstream", echo.url(),
+                         "--jwt-secret", SECRET, "--workers", "2", "--metrics-port",
+                         str(mport), "--metrics-interval", "0.2"])
+    prom = subprocess.Popen(
+        [binary, f"--config.file={conf}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address={HOST}:{pport}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def query(expr: str) -> list[float]:
+        url = f"http://{HOST}:{pport}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                doc = json.load(resp)
+        except OSError:
+            return []  # not up yet
+        return [float(r["value"][1]) for r in doc["data"]["result"]]
+
+    try:
+        assert wait_until(lambda: gw.count("listening") == 2, 10), gw.log
+        with contextlib.ExitStack() as stack:
+            url = f"ws://{HOST}:{port}/ws/experience?token={token()}"
+            for i in range(5):
+                ws = stack.enter_context(connect(url, open_timeout=5))
+                for n in range(2):
+                    ws.send(f"{i}.{n}")
+                    assert ws.recv(timeout=3) == f"{i}.{n}"
+            want = {'up{job="gaia"}': [1.0],
+                    "sum(gaia_gateway_sessions)": [5.0],
+                    'sum(gaia_gateway_messages_total{direction="from_client"})': [10.0],
+                    'sum(gaia_gateway_requests_total{status="101"})': [5.0],
+                    "sum(gaia_gateway_handshake_seconds_count)": [5.0]}
+            seen: dict[str, list[float]] = {}
+
+            def scraped() -> bool:
+                seen.update({expr: query(expr) for expr in want})
+                return seen == want
+
+            assert wait_until(scraped, 30, interval=0.25), seen
+    finally:
+        prom.terminate()
+        _, err = prom.communicate(timeout=10)
+        assert gw.stop() == 0
+    assert prom.returncode == 0, err[-2000:]
