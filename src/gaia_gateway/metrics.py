@@ -4,7 +4,8 @@ Nothing here runs per message. The relay already counts messages and bytes per s
 the close log line); those counts are read when metrics are scraped (and, with
 ``--workers``, every ``--metrics-interval`` seconds), by walking the open sessions. Events
 that happen once per connection (the answer to a request, a session's end and its close
-codes, a failed TLS handshake) are counted as they happen, a fraction of a microsecond each.
+codes, a failed TLS handshake) are counted as they happen: about 4 us per session in all
+(9 us with the multiprocess files of ``--workers``), against 600 us for the handshake.
 
 With ``--workers N`` the workers share one ``/metrics`` port (SO_REUSEPORT): each writes its
 values to prometheus_client's multiprocess files and the worker that answers a scrape sums
