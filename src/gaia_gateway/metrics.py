@@ -50,6 +50,11 @@ _HANDSHAKE_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 
 _SESSION_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0,
                     86400.0)
 _MAX_REQUEST_HEAD = 8192
+# Metrics connections open at once. Each holds a file descriptor, from the same 20,000 as the
+# gateway's sessions, for up to --handshake-timeout: beyond this many, a new one gets 503.
+MAX_SCRAPES = 16
+# After its answer, how long a metrics connection may stay for the client to close it.
+_LINGER = 1.0
 
 
 class Metrics:
@@ -209,7 +214,7 @@ class Metrics:
 
 class MetricsProtocol(asyncio.Protocol):
     """``GET /metrics`` on the metrics port: one request per connection, bounded in size
-    (8 KiB of head) and in time (``--handshake-timeout``)."""
+    (8 KiB of head), in time (``--handshake-timeout``) and in number (``MAX_SCRAPES``)."""
 
     def __init__(self, metrics: Metrics, timeout: float) -> None:
         self.metrics = metrics
@@ -219,16 +224,22 @@ class MetricsProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._peer = "unknown"
         self._received = 0
+        self._answered = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self._peer = peer[0] if isinstance(peer, tuple) else str(peer or "unknown")
+        scrapes = self.metrics.scrapes
+        over = len(scrapes) >= MAX_SCRAPES
+        scrapes.add(self)  # refused or not, until it is gone
+        if over:
+            self._refuse(503, f"over {MAX_SCRAPES} metrics connections at once")
+            return
         self._timer = self.metrics.server.loop.call_later(self.timeout, self._timed_out)
-        self.metrics.scrapes.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._timer is None:  # answered already
+        if self._answered:
             return
         self._received += len(data)
         if self._received > _MAX_REQUEST_HEAD:  # h11 bounds only a head still incomplete
@@ -280,10 +291,15 @@ class MetricsProtocol(asyncio.Protocol):
         self._refuse(408, "request timeout")
 
     def _send(self, response: bytes) -> None:
+        self._answered = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         t = self.transport
-        if t is not None and not t.is_closing():
-            t.write(response)
-            t.close()
+        if t is None or t.is_closing():
+            return
+        t.write(response)
+        # Half-close and let the client close: closing with its request bytes unread (a
+        # refusal can come before them) would be an RST, which can lose the answer.
+        t.write_eof()
+        self._timer = self.metrics.server.loop.call_later(_LINGER, t.abort)

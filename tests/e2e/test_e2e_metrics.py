@@ -41,6 +41,8 @@ from helpers import (
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from gaia_gateway.metrics import MAX_SCRAPES
+
 pytestmark = pytest.mark.timeout(60)
 
 C = "gaia_gateway_"
@@ -245,6 +247,30 @@ def test_metrics_in_a_given_multiproc_dir_start_from_zero(tmp_path: Path,
             assert gw.stop() == 0
         assert list(tmp_path.glob("*.db")), "the values were not in the directory"
     assert tmp_path.is_dir()
+
+
+def test_metrics_port_bounds_its_connections(gateway_factory: Callable[..., GatewayHandle],
+                                             echo: EchoServer) -> None:
+    """Metrics connections share the process's file descriptors with the sessions: past
+    MAX_SCRAPES open at once, a new one gets 503 at once, and the gateway serves on."""
+    gw = gateway_factory(echo.url(), metrics_port=0)
+    port = gw.metrics_port
+    assert gw.server is not None and gw.server.metrics is not None
+    scrapes = gw.server.metrics.scrapes
+    held = [socket.create_connection((HOST, port), timeout=5) for _ in range(MAX_SCRAPES)]
+    try:
+        assert wait_until(lambda: len(scrapes) == MAX_SCRAPES, 3)
+        status, _, body = http_request(port, f"GET /metrics HTTP/1.1\r\nHost: {HOST}\r\n\r\n")
+        assert status == 503, body
+        assert body == f"503 over {MAX_SCRAPES} metrics connections at once\n".encode()
+        with connect(gw.url(token()), open_timeout=5) as ws:
+            ws.send("served")
+            assert ws.recv(timeout=3) == "served"
+    finally:
+        for sock in held:
+            sock.close()
+    assert wait_until(lambda: not scrapes, 3)
+    assert metric(scrape(port), C + "requests_total", status="101") == 1
 
 
 def _prometheus_binary() -> str:
