@@ -37,6 +37,9 @@ log = logging.getLogger("gaia_gateway")
 RESPAWN_LIMIT = 5
 RESPAWN_WINDOW = 60.0
 
+# The signals the parent of --workers passes on to them.
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 # prometheus_client's multiprocess directory; it reads the variable when it is imported.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -166,6 +169,9 @@ async def serve(
         loop.add_signal_handler(signal.SIGHUP, reload_tls, server, settings)
     except (NotImplementedError, RuntimeError, ValueError):
         pass
+    # A worker starts with these blocked (``_run_workers``): a stop or a HUP sent while it was
+    # starting waited for the handlers above, and is taken now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
     scheme = "https" if server.tls else "http"
     log.info("listening", extra={"fields": {
         "url": f"{scheme}://{settings.host}:{port}", "loop": type(loop).__module__.split(".")[0],
@@ -250,19 +256,20 @@ def _run_workers(settings: Settings, kind: str) -> int:
     deaths: list[float] = []  # when workers died, for the respawn limit
     stopping = False
     status = 0
-    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    handled = _FORWARDED
 
     def spawn() -> None:
-        # Signals wait while the worker is forked: it must not run the parent's handler.
+        # The signals wait while the worker is forked: the child must not run the parent's
+        # handler, and keeps them blocked until its event loop has its own (``serve``): a
+        # SIGTERM that came while it started would otherwise kill it, not stop it.
         signal.pthread_sigmask(signal.SIG_BLOCK, handled)
         try:
             pid = os.fork()
-            if pid == 0:  # pragma: no cover - the child
+            if pid == 0:  # pragma: no cover - the child (os._exit: the finally below is not its)
                 code = 1
                 try:
                     for sig in handled:
-                        signal.signal(sig, signal.SIG_DFL)  # its event loop sets its own
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+                        signal.signal(sig, signal.SIG_DFL)
                     code = _run_one(settings, kind)
                 finally:
                     os._exit(code)

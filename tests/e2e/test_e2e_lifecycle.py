@@ -273,3 +273,19 @@ def test_workers_that_cannot_listen_are_not_replaced() -> None:
     assert run.returncode == 2, run.stderr
     assert f"gaia-gateway: error: cannot listen on {HOST}:{port}" in run.stderr, run.stderr
     assert "starting another" not in run.stderr, run.stderr
+
+
+def test_a_stop_while_a_worker_starts_is_clean(echo: EchoServer) -> None:
+    """SIGTERM reaching a worker before its event loop has its handlers (here: right after
+    it replaced a dead one) waits for them and stops it cleanly; it does not kill it."""
+    for _ in range(3):
+        gw = _workers(echo, free_port())
+        try:
+            first = set(gw.worker_pids())
+            os.kill(min(first), signal.SIGKILL)
+            assert wait_until(lambda: len(set(gw.worker_pids()) - first) == 1,  # noqa: B023
+                              10, interval=0.0005), gw.log
+            gw.proc.send_signal(signal.SIGTERM)  # the new worker is still starting
+            assert gw.proc.wait(10) == 0, gw.log
+        finally:
+            gw.close()
