@@ -885,6 +885,12 @@ def proc_rss(pid: int) -> int:
     return 0
 
 
+def gateway_args(port: int, upstream: str, *extra: str) -> list[str]:
+    """``python -m gaia_gateway`` arguments: ``port`` on HOST, ``upstream``, the tests' secret."""
+    return ["--host", HOST, "--port", str(port), "--upstream", upstream, "--jwt-secret", SECRET,
+            *extra]
+
+
 class GatewayProcess:
     """``python -m gaia_gateway ARGS`` in a subprocess; stderr (its log) collected by a thread."""
 

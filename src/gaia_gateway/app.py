@@ -151,13 +151,14 @@ async def serve(
     )
     if settings.upstream_ca_file:
         _read(settings.upstream_ca_file, "upstream CA file")
-    metrics_server = await _start_metrics(server, settings) if settings.metrics_port is not None \
-        else None
+    if settings.metrics_port is not None:
+        await _start_metrics(server, settings)
     try:
         port = await server.start(settings.host, settings.port,
                                   reuse_port=settings.workers > 1, sock=sock)
     except OSError as exc:
-        _stop_metrics(server, metrics_server)
+        if server.metrics is not None:
+            server.metrics.stop()
         raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -185,37 +186,27 @@ async def serve(
     log.info("draining", extra={"fields": {"open": len(server.clients),
                                            "grace_s": settings.shutdown_grace}})
     await server.shutdown(settings.shutdown_grace)
-    _stop_metrics(server, metrics_server)
+    if server.metrics is not None:
+        server.metrics.stop()
     log.info("stopped", extra={"fields": {"pid": os.getpid()}})
 
 
-def _stop_metrics(server: GatewayServer, listener: asyncio.Server | None) -> None:
-    if listener is not None:
-        listener.close()
-    if server.metrics is not None:
-        server.metrics.stop()
-
-
-async def _start_metrics(server: GatewayServer, settings: Settings) -> asyncio.Server:
+async def _start_metrics(server: GatewayServer, settings: Settings) -> None:
     """The ``/metrics`` listener (shared by the workers, each answering for all)."""
-    from .metrics import Metrics, MetricsProtocol
+    from .metrics import Metrics
 
     metrics = Metrics(server, multiprocess=MULTIPROC_ENV in os.environ)
-    timeout = settings.handshake_timeout
     try:
-        listener = await server.loop.create_server(
-            lambda: MetricsProtocol(metrics, timeout), settings.metrics_host,
-            settings.metrics_port, reuse_port=settings.workers > 1 or None)
+        port = await metrics.listen(settings.metrics_host, settings.metrics_port,
+                                    reuse_port=settings.workers > 1)
     except OSError as exc:
         raise ConfigError(f"cannot listen for metrics on {settings.metrics_host}:"
                           f"{settings.metrics_port}: {exc.strerror}") from None
     server.metrics = metrics
     if settings.workers > 1:
         metrics.start_publishing(settings.metrics_interval)
-    port = metrics.port = int(listener.sockets[0].getsockname()[1])
     log.info("metrics", extra={"fields": {
         "url": f"http://{settings.metrics_host}:{port}/metrics", "pid": os.getpid()}})
-    return listener
 
 
 def run(settings: Settings) -> int:
@@ -256,26 +247,24 @@ def _run_workers(settings: Settings, kind: str) -> int:
     deaths: list[float] = []  # when workers died, for the respawn limit
     stopping = False
     status = 0
-    handled = _FORWARDED
-
     def spawn() -> None:
         # The signals wait while the worker is forked: the child must not run the parent's
         # handler, and keeps them blocked until its event loop has its own (``serve``): a
         # SIGTERM that came while it started would otherwise kill it, not stop it.
-        signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
         try:
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child (os._exit: the finally below is not its)
                 code = 1
                 try:
-                    for sig in handled:
+                    for sig in _FORWARDED:
                         signal.signal(sig, signal.SIG_DFL)
                     code = _run_one(settings, kind)
                 finally:
                     os._exit(code)
             children.add(pid)
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -287,7 +276,7 @@ def _run_workers(settings: Settings, kind: str) -> int:
             except ProcessLookupError:
                 pass
 
-    for sig in handled:
+    for sig in _FORWARDED:
         signal.signal(sig, forward)
     for _ in range(settings.workers):
         spawn()

@@ -38,6 +38,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from .core import Session
 from .core._http import http_response
+from .transports.protocol import linger_close, peer_address
 
 if TYPE_CHECKING:
     from .transports.server import GatewayServer
@@ -53,8 +54,6 @@ _MAX_REQUEST_HEAD = 8192
 # Metrics connections open at once. Each holds a file descriptor, from the same 20,000 as the
 # gateway's sessions, for up to --handshake-timeout: beyond this many, a new one gets 503.
 MAX_SCRAPES = 16
-# After its answer, how long a metrics connection may stay for the client to close it.
-_LINGER = 1.0
 
 
 class Metrics:
@@ -117,6 +116,7 @@ class Metrics:
         self._relayed = (self.messages.labels("from_client"), self.messages.labels("to_client"),
                          self.bytes.labels("from_client"), self.bytes.labels("to_client"))
         self._timer: asyncio.TimerHandle | None = None
+        self._listener: asyncio.Server | None = None
         self.scrapes: set[MetricsProtocol] = set()  # metrics connections under way
 
     # ------------------------------------------------------------ connection events
@@ -202,7 +202,22 @@ class Metrics:
 
         self._timer = self.server.loop.call_later(interval, tick)
 
+    async def listen(self, host: str, port: int, *, reuse_port: bool) -> int:
+        """Serve ``/metrics`` on ``host:port`` (OSError if it cannot); the port listened on.
+
+        A request has ``handshake_timeout`` to arrive; after the answer, the client has
+        ``close_timeout`` to close, as on the gateway's port."""
+        limits = self.server.gateway.limits
+        self._listener = await self.server.loop.create_server(
+            lambda: MetricsProtocol(self, limits.handshake_timeout, limits.close_timeout),
+            host, port, reuse_port=reuse_port or None)
+        self.port = int(self._listener.sockets[0].getsockname()[1])
+        return self.port
+
     def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -216,11 +231,12 @@ class MetricsProtocol(asyncio.Protocol):
     """``GET /metrics`` on the metrics port: one request per connection, bounded in size
     (8 KiB of head), in time (``--handshake-timeout``) and in number (``MAX_SCRAPES``)."""
 
-    def __init__(self, metrics: Metrics, timeout: float) -> None:
+    def __init__(self, metrics: Metrics, timeout: float, linger: float) -> None:
         self.metrics = metrics
         self.timeout = timeout
+        self.linger = linger
         self.transport: asyncio.Transport | None = None
-        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_HEAD)
+        self._h11 = h11.Connection(h11.SERVER)  # the head's size: ``_received``
         self._timer: asyncio.TimerHandle | None = None
         self._peer = "unknown"
         self._received = 0
@@ -228,8 +244,7 @@ class MetricsProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
-        self._peer = peer[0] if isinstance(peer, tuple) else str(peer or "unknown")
+        self._peer = peer_address(transport)
         scrapes = self.metrics.scrapes
         over = len(scrapes) >= MAX_SCRAPES
         scrapes.add(self)  # refused or not, until it is gone
@@ -242,7 +257,7 @@ class MetricsProtocol(asyncio.Protocol):
         if self._answered:
             return
         self._received += len(data)
-        if self._received > _MAX_REQUEST_HEAD:  # h11 bounds only a head still incomplete
+        if self._received > _MAX_REQUEST_HEAD:  # the head, whether whole or not
             self._refuse(431, "request head over 8 KiB")
             return
         try:
@@ -299,7 +314,6 @@ class MetricsProtocol(asyncio.Protocol):
         if t is None or t.is_closing():
             return
         t.write(response)
-        # Half-close and let the client close: closing with its request bytes unread (a
-        # refusal can come before them) would be an RST, which can lose the answer.
-        t.write_eof()
-        self._timer = self.metrics.server.loop.call_later(_LINGER, t.abort)
+        # A half-close: closing with the client's request bytes unread (a refusal can come
+        # before them) would be an RST, which can lose the answer.
+        self._timer = linger_close(self.metrics.server.loop, t, self.linger)

@@ -26,6 +26,7 @@ from helpers import (
     bad_tokens,
     clean_env,
     free_port,
+    gateway_args,
     gateway_cert_files,
     handshake_status,
     http_request,
@@ -158,10 +159,9 @@ def test_sighup_reloads_the_tls_certificate(loop_kind: str, workers: int, echo: 
     old_ca, new_ca = trustme.CA(), trustme.CA()
     certfile, keyfile = gateway_cert_files(old_ca, tmp_path)
     port = free_port()
-    cli = GatewayProcess(["--host", HOST, "--port", str(port), "--jwt-secret", SECRET,
-                          "--upstream", echo.url(), "--loop", loop_kind,
-                          "--workers", str(workers), "--certfile", certfile,
-                          "--keyfile", keyfile, "--log-level", "info"])
+    cli = GatewayProcess(gateway_args(port, echo.url(), "--loop", loop_kind,
+                                      "--workers", str(workers), "--certfile", certfile,
+                                      "--keyfile", keyfile, "--log-level", "info"))
     url = f"wss://{HOST}:{port}/ws/experience?token={token()}"
 
     def echoes(ca: trustme.CA, text: str) -> bool:
@@ -205,8 +205,7 @@ def test_sighup_reloads_the_tls_certificate(loop_kind: str, workers: int, echo: 
 
 
 def _workers(echo: EchoServer, port: int) -> GatewayProcess:
-    gw = GatewayProcess(["--port", str(port), "--host", HOST, "--upstream", echo.url(),
-                         "--jwt-secret", SECRET, "--workers", "2"])
+    gw = GatewayProcess(gateway_args(port, echo.url(), "--workers", "2"))
     assert wait_until(lambda: gw.count("listening") == 2, 10), gw.log
     return gw
 

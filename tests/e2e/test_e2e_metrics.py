@@ -31,6 +31,7 @@ from helpers import (
     bad_tokens,
     clean_env,
     free_port,
+    gateway_args,
     handshake_status,
     http_request,
     metric,
@@ -153,9 +154,8 @@ def test_metrics_with_workers_sum_every_worker() -> None:
     before = set(glob.glob(pattern))
     echo = EchoServer().start()
     port, mport = free_port(), free_port()
-    gw = GatewayProcess(["--port", str(port), "--host", HOST, "--upstream", echo.url(),
-                         "--jwt-secret", SECRET, "--workers", "2", "--metrics-port",
-                         str(mport), "--metrics-interval", "0.2"])
+    gw = GatewayProcess(gateway_args(port, echo.url(), "--workers", "2", "--metrics-port",
+                                     str(mport), "--metrics-interval", "0.2"))
     try:
         assert wait_until(lambda: gw.count("metrics") == 2 and gw.count("listening") == 2, 10)
         assert len(set(glob.glob(pattern)) - before) == 1
@@ -202,8 +202,7 @@ def test_metrics_from_the_config_file_and_bad_values(tmp_path: Path, echo: EchoS
     port, mport = free_port(), free_port()
     conf = tmp_path / "gateway.toml"
     conf.write_text(f'metrics_port = {mport}\nmetrics_host = "{HOST}"\n')
-    gw = GatewayProcess(["--port", str(port), "--host", HOST, "--upstream", echo.url(),
-                         "--jwt-secret", SECRET, "--config", str(conf)])
+    gw = GatewayProcess(gateway_args(port, echo.url(), "--config", str(conf)))
     try:
         assert wait_until(lambda: gw.count("listening") == 1, 10), gw.log
         with connect(f"ws://{HOST}:{port}/ws/experience?token={token()}", open_timeout=5) as ws:
@@ -233,8 +232,8 @@ def test_metrics_in_a_given_multiproc_dir_start_from_zero(tmp_path: Path,
     env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     for run in range(2):
         port, mport = free_port(), free_port()
-        gw = GatewayProcess(["--port", str(port), "--host", HOST, "--upstream", echo.url(),
-                             "--jwt-secret", SECRET, "--metrics-port", str(mport)], env=env)
+        gw = GatewayProcess(gateway_args(port, echo.url(), "--metrics-port", str(mport)),
+                            env=env)
         try:
             assert wait_until(lambda: gw.count("listening") == 1, 10), gw.log  # noqa: B023
             assert metric(scrape(mport), C + "requests_total", status="101") == 0, run
@@ -290,9 +289,8 @@ def test_a_real_prometheus_scrapes_the_workers(tmp_path: Path, echo: EchoServer)
     conf.write_text("global:\n  scrape_interval: 250ms\n  scrape_timeout: 200ms\n"
                     "scrape_configs:\n  - job_name: gaia\n    static_configs:\n"
                     f"      - targets: ['{HOST}:{mport}']\n")
-    gw = GatewayProcess(["--port", str(port), "--host", HOST, "--upstream", echo.url(),
-                         "--jwt-secret", SECRET, "--workers", "2", "--metrics-port",
-                         str(mport), "--metrics-interval", "0.2"])
+    gw = GatewayProcess(gateway_args(port, echo.url(), "--workers", "2", "--metrics-port",
+                                     str(mport), "--metrics-interval", "0.2"))
     prom = subprocess.Popen(
         [binary, f"--config.file={conf}", f"--storage.tsdb.path={tmp_path / 'data'}",
          f"--web.listen-address={HOST}:{pport}"],

@@ -25,6 +25,7 @@ from helpers import (
     GatewayProcess,
     RawWS,
     free_port,
+    gateway_args,
     http_request,
     token,
     upgrade_request,
@@ -49,11 +50,10 @@ def upstream() -> Iterator[RawUpstream]:
 def test_case_16_sigterm_under_load(upstream: RawUpstream, loop: str) -> None:
     port = free_port()
     grace = 5.0
-    gw = GatewayProcess([
-        "--host", HOST, "--port", str(port), "--upstream", upstream.url(),
-        "--jwt-secret", SECRET, "--shutdown-grace", str(grace), "--loop", loop,
+    gw = GatewayProcess(gateway_args(
+        port, upstream.url(), "--shutdown-grace", str(grace), "--loop", loop,
         "--close-timeout", "2", "--log-level", "debug", "--log-format", "json",
-    ])
+    ))
     n = 10
     tokens = [token(f"load-{i}") for i in range(n)]
     sent: dict[int, list[int]] = collections.defaultdict(list)

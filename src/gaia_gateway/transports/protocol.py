@@ -35,7 +35,22 @@ from ..core import (
 if TYPE_CHECKING:
     from .server import GatewayServer
 
-__all__ = ["ClientProtocol", "UpstreamProtocol"]
+__all__ = ["ClientProtocol", "UpstreamProtocol", "linger_close", "peer_address"]
+
+
+def peer_address(transport: asyncio.BaseTransport | None) -> str:
+    """The peer's address, for sessions and log lines ("unknown" when the socket has none)."""
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return peer[0] if isinstance(peer, tuple) else str(peer or "unknown")
+
+
+def linger_close(loop: asyncio.AbstractEventLoop, transport: asyncio.WriteTransport,
+                 linger: float) -> asyncio.TimerHandle:
+    """Half-close, and let the peer read everything written before its late bytes could meet
+    a closed socket and an RST; drop it if it has not closed after ``linger`` seconds. The
+    caller cancels the returned timer when the connection is lost."""
+    transport.write_eof()
+    return loop.call_later(linger, transport.abort)
 
 
 
@@ -80,8 +95,7 @@ class ClientProtocol(asyncio.Protocol):
         limits = server.gateway.limits
         transport.set_write_buffer_limits(  # type: ignore[attr-defined]
             limits.write_buffer_high, limits.write_buffer_low)
-        peer = transport.get_extra_info("peername")
-        addr = peer[0] if isinstance(peer, tuple) else str(peer or "unknown")
+        addr = peer_address(transport)
         server.gateway.open_connections += 1
         server.clients.add(self)
         self.session = Session(
@@ -204,12 +218,8 @@ class ClientProtocol(asyncio.Protocol):
             return
         if abort:
             t.abort()
-        elif t.can_write_eof():
-            # Lingering close: half-close and let the peer read everything, including our
-            # close frame, before its late bytes could meet a closed socket and an RST.
-            t.write_eof()
-            limits = self.server.gateway.limits
-            self._linger = self.loop.call_later(limits.close_timeout, t.abort)
+        elif t.can_write_eof():  # our close frame is read before any RST could come
+            self._linger = linger_close(self.loop, t, self.server.gateway.limits.close_timeout)
         else:
             t.close()
 

@@ -31,7 +31,7 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from ..core._http import http_response
-from .protocol import ClientProtocol
+from .protocol import ClientProtocol, linger_close, peer_address
 from .tls import read_records
 
 if TYPE_CHECKING:
@@ -241,15 +241,9 @@ class TlsProtocol(asyncio.Protocol):
             raw.abort()
             return
         raw.write(failure.answer)
-        # Let the client read the answer before the socket closes: half-close, bounded wait.
-        self._half_close()
-
-    def _half_close(self) -> None:
-        raw = self.raw
-        assert raw is not None
-        raw.write_eof()
-        self._linger = self.server.loop.call_later(
-            self.server.gateway.limits.close_timeout, raw.abort)
+        # Let the client read the answer before the socket closes.
+        self._linger = linger_close(self.server.loop, raw,
+                                    self.server.gateway.limits.close_timeout)
 
     def _cancel_timers(self) -> None:
         if self._timer is not None:
@@ -264,9 +258,8 @@ class TlsProtocol(asyncio.Protocol):
         if metrics is not None:
             metrics.tls_failed(kind)
         if log.isEnabledFor(logging.WARNING):
-            peer = self.raw.get_extra_info("peername") if self.raw is not None else None
-            addr = peer[0] if isinstance(peer, tuple) else str(peer or "unknown")
-            log.warning("tls", extra={"fields": {"client": addr, "status": status,
+            log.warning("tls", extra={"fields": {"client": peer_address(self.raw),
+                                                 "status": status,
                                                  "reason": reason}})
 
     # ------------------------------------------------- the transport, for the app
