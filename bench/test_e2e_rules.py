@@ -36,38 +36,62 @@ def p99_verdict(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
     return line
 
 
-def test_steal_free_passes_decide_the_bar_and_stalled_ones_do_not() -> None:
-    # gaia is worse over all passes only because its stalled passes were worse
-    gaia = lat100((600, 0.0), (620, 0.0), (640, 0.004), (9000, 0.03), (8000, 0.02))
-    nginx = lat100((650, 0.0), (700, 0.0), (660, 0.0), (700, 0.01), (680, 0.0))
+def test_the_p99_bar_pairs_steal_free_passes_and_asks_for_a_difference_beyond_the_noise(
+) -> None:
+    # gaia is worse over all passes only because its stalled passes were worse; the pairs
+    # with a stalled pass (the 4th and 5th) are left out of the bar
+    gaia = lat100((600, 0.0), (620, 0.0), (640, 0.004), (9000, 0.03), (8000, 0.02),
+                  (500, 0.0), (700, 0.0), (690, 0.0), (560, 0.0), (610, 0.0), (580, 0.0),
+                  (650, 0.0))
+    nginx = lat100((650, 0.0), (700, 0.0), (660, 0.0), (700, 0.01), (680, 0.0),
+                   (520, 0.0), (690, 0.0), (600, 0.0), (570, 0.0), (600, 0.0), (620, 0.0),
+                   (640, 0.0))
     results = {"gaia-uvloop": {"lat100": gaia}, "nginx": {"lat100": nginx}}
     s = run.summarize(results)
-    assert (s["gaia-uvloop"]["n_100_calm"], s["gaia-uvloop"]["n_100"]) == (3, 5)
-    assert s["gaia-uvloop"]["p99_100_calm"] == 620
-    assert s["nginx"]["n_100_calm"] == 4
+    assert (s["gaia-uvloop"]["n_100_calm"], s["gaia-uvloop"]["n_100"]) == (10, 12)
+    assert s["gaia-uvloop"]["p99_100_calm"] == 615
+    assert s["nginx"]["n_100_calm"] == 11
+    pairs = run.paired_p99(results, "gaia-uvloop", "nginx")
+    assert pairs == pytest.approx([600 / 650, 620 / 700, 640 / 660, 500 / 520, 700 / 690,
+                                   690 / 600, 560 / 570, 610 / 600, 580 / 620, 650 / 640])
     line = p99_verdict(results)
-    assert "steal-free passes: **met**" in line, line
-    assert "620.0 vs 670.0 µs over 3 / 4 steal-free passes" in line, line
-    assert "all passes: 640.0 vs 680.0 µs" in line, line
+    assert line.startswith("- p99 @100 conns no worse than nginx's, paired steal-free passes: "
+                           "**met** — median of 10 pairs ×0.98, 95 % interval 0.92-1.02 "
+                           "(reaches 1: no difference this run shows); gaia's p99 above "
+                           "nginx's in 4 of 10; "), line
+    assert "medians of the steal-free passes 615.0 vs 640.0 µs (×0.96, 10 / 11 passes)" in line
+    assert "all passes 630.0 vs 645.0 µs" in line, line
 
-    # the same bar fails when gaia's steal-free passes are the slower ones
-    gaia_slow = lat100((900, 0.0), (950, 0.0), (990, 0.0), (500, 0.02))
-    line = p99_verdict({"gaia-uvloop": {"lat100": gaia_slow}, "nginx": {"lat100": nginx}})
-    assert "steal-free passes: **NOT met**" in line, line
+    # every pair 10 % slower: the interval lies above 1
+    calm = [x["p99"] for x in nginx if x["steal_proxy"] == 0.0]
+    nginx_calm = lat100(*((x, 0.0) for x in calm))
+    gaia_slow = lat100(*((x * 1.1, 0.0) for x in calm))
+    line = p99_verdict({"gaia-uvloop": {"lat100": gaia_slow}, "nginx": {"lat100": nginx_calm}})
+    assert "**NOT met** — median of 11 pairs ×1.10, 95 % interval 1.10-1.10 (above 1: gaia is " \
+        "slower)" in line, line
 
 
-def test_too_few_steal_free_passes_is_said_not_judged() -> None:
-    gaia = lat100((600, 0.0), (620, 0.0), (5000, 0.02))
-    nginx = lat100((650, 0.0), (7000, 0.03), (8000, 0.05))
+def test_too_few_steal_free_pairs_is_said_not_judged() -> None:
+    gaia = lat100((600, 0.0), (620, 0.0), (5000, 0.02), *[(600, 0.0)] * 8)
+    nginx = lat100((650, 0.0), (7000, 0.03), (8000, 0.05), *[(600, 0.0)] * 8)
     line = p99_verdict({"gaia-uvloop": {"lat100": gaia}, "nginx": {"lat100": nginx}})
-    assert "**not measurable in this run**: only 2 / 1 passes were steal-free" in line, line
+    assert ("**not measurable in this run**: 9 pairs of steal-free passes (10 wanted)"
+            in line), line
     assert "met" not in line.replace("measurable", ""), line
 
 
 def test_without_nginx_the_p99_bar_is_not_measured() -> None:
     gaia = lat100((600, 0.0), (620, 0.0), (640, 0.0))
     line = p99_verdict({"gaia-uvloop": {"lat100": gaia}})
-    assert line.startswith("- p99 @100 conns ≤ nginx's: not measured"), line
+    assert line.startswith("- p99 @100 conns no worse than nginx's, paired steal-free passes: "
+                           "not measured"), line
+
+
+def test_the_interval_of_the_median_is_the_binomial_one() -> None:
+    assert run.median_interval([1.0] * 5) is None  # 2 * 0.5**5 > 0.05: no 95 % interval
+    assert run.median_interval([5, 1, 4, 2, 6, 3]) == (1, 6)  # 2 * 0.5**6 = 0.031
+    # 22 values: P(at most 5 below) = 0.0085, P(at most 6 below) = 0.026 > 0.025
+    assert run.median_interval([float(x) for x in range(22)]) == (5.0, 16.0)
 
 
 def test_steal_and_foreign_load_are_read_from_the_proxys_cpu() -> None:
@@ -134,7 +158,7 @@ def saved_run(path: Path, git: str, cpu64: tuple[float, float], hs_cpu: float,
     return str(path)
 
 
-def test_over_runs_judges_the_median_and_pools_the_steal_free_passes(tmp_path: Path) -> None:
+def test_over_runs_judges_the_median_and_pools_the_paired_passes(tmp_path: Path) -> None:
     calm = ((600, 0.0), (620, 0.0))  # two steal-free passes a run: no run judges p99 alone
     paths = [
         saved_run(tmp_path / "a.json", "abc1234", (4.0, 2.5), 1.06,
@@ -151,18 +175,23 @@ def test_over_runs_judges_the_median_and_pools_the_steal_free_passes(tmp_path: P
         "| 1.60 | 1.44 | 1.40 | 1.44 | **met** (3 runs) |"), rows
     assert rows["handshake ≤ 1 ms proxy CPU"].endswith(
         "| 1.060 | 0.950 | 0.970 | 0.970 | **met** (3 runs) |")
-    # each run had too few steal-free passes; pooled: gaia 6 at 600/620, nginx 4 at 640-700
-    assert rows["p99 @100 conns ≤ nginx's"].endswith(
-        "| — | — | — | — | judged on the pooled passes, below |")
-    assert ("steal-free passes of all 3 runs pooled: **met** — 0.93; 610.0 vs 655.0 µs over "
-            "6 / 4 passes") in text
+    # pairs of steal-free passes: none in the first and third runs (gaia and nginx have
+    # different numbers of passes there, so they do not line up), one in the second
+    assert rows["p99 @100 conns no worse than nginx's, paired steal-free passes"].endswith(
+        "| — | — | — | — | judged on the pooled pairs, below |")
+    assert ("paired steal-free passes, pooled over the runs: **not measurable in this run**: "
+            "1 pair of steal-free passes (10 wanted)") in text
     assert "different commits" not in text
     assert "The Python proxies ran on /usr/bin/python3.11, Python 3.11.2" in text
 
-    # a pooled ratio just over 1 shows the decimals that put it there (622.6 / 621.5)
+    # five pairs in each of two runs: ten, pooled; each pair 1.002, so the interval is above 1
     close = [saved_run(tmp_path / f"e{i}.json", "abc1234", (4.0, 2.5), 0.9,
-                       (((622.6, 0.0),) * 3, ((621.5, 0.0),) * 3)) for i in range(2)]
-    assert "pooled: **NOT met** — 1.002; 622.6 vs 621.5 µs" in run.over_runs(close)
+                       (((622.6, 0.0),) * 5, ((621.5, 0.0),) * 5)) for i in range(2)]
+    text = run.over_runs(close)
+    assert ("pooled over the runs: **NOT met** — median of 10 pairs ×1.002, 95 % interval "
+            "1.002-1.002 (above 1: gaia is slower)") in text, text
+    # five pairs are too few for either run alone
+    assert "| — | — | — | judged on the pooled pairs, below |" in text, text
 
     other = saved_run(tmp_path / "d.json", "def5678", (4.0, 2.5), 1.2, (calm, calm))
     assert "different commits (abc1234, def5678)" in run.over_runs(paths + [other])
@@ -311,3 +340,40 @@ def test_an_interleaved_window_that_failed_leaves_the_others() -> None:
         results[name]["lat1x"][1] = {"error": "target 2 closed the connection", "rep": 1}
     assert run.summarize(results)["gaia-uvloop"]["add50x/nginx"] == pytest.approx(
         (45 / 40 + 47 / 40) / 2)
+
+
+def test_p99_pairs_are_taken_pass_by_pass_and_only_when_both_are_steal_free() -> None:
+    gaia = lat100((600, 0.0), (900, 0.0), (640, 0.02), (500, 0.0))
+    nginx = lat100((500, 0.0), (1000, 0.0), (640, 0.0), (9000, 0.03))
+    results = {"gaia-uvloop": {"lat100": gaia}, "nginx": {"lat100": nginx}}
+    # the third pair lost gaia's pass to steal, the fourth nginx's
+    assert run.paired_p99(results, "gaia-uvloop", "nginx") == [1.2, 0.9]
+    gaia.append({"error": "loadgen died"})
+    assert run.paired_p99(results, "gaia-uvloop", "nginx") == []  # the pairs no longer line up
+    nginx.append(lat100((700, 0.0))[0])
+    assert run.paired_p99(results, "gaia-uvloop", "nginx") == [1.2, 0.9]
+    assert run.spread([1.2, 0.8, 1.0, 1.4]) == (
+        "×1.10 (quartiles 0.85-1.35, range 0.80-1.40; above 1 in 2 of 4)")
+    assert run.spread([]) == "—"
+    assert run.spread([0.6, 0.8, 1.0, 1.2, 1.4, 1.6]) == (  # 6: the fewest with an interval
+        "×1.10 (95 % interval 0.60-1.60, quartiles 0.75-1.45, range 0.60-1.60; above 1 in 3 "
+        "of 6)")
+
+
+def test_the_a_a_control_reads_a_second_nginx_as_the_bars_read_gaia() -> None:
+    results = {"gaia-uvloop": {"lat100": lat100((660, 0.0), (550, 0.0), (700, 0.0)),
+                               "tput16k": tput16k(500, 450, 400)},
+               "nginx": {"lat100": lat100((600, 0.0), (500, 0.0), (700, 0.0)),
+                         "tput16k": tput16k(400, 450, 500)},
+               "nginx-b": {"lat100": lat100((540, 0.0), (550, 0.0), (770, 0.0)),
+                           "tput16k": tput16k(440, 450, 450)}}
+    lines = run.aa_control(run.summarize(results), results)
+    assert lines[1].startswith("A/A control: nginx-b, a second nginx"), lines
+    assert "- throughput 16 KiB: ×1.00 | ×1.00" in lines, lines  # of 1.1, 1, 0.9 / 1.25, 1, 0.8
+    assert ("- p99 @100 conns, steal-free passes: ×0.92 (550.0 vs 600.0 µs over 3 / 3 passes) "
+            "| ×1.10") in lines, lines
+    (pairs,) = [x for x in lines if "pass by pass" in x]
+    assert pairs.endswith("×1.10 (quartiles 0.90-1.10, range 0.90-1.10; above 1 in 2 of 3) | "
+                          "×1.10 (quartiles 1.00-1.10, range 1.00-1.10; above 1 in 2 of 3)"), pairs
+    del results["nginx-b"]
+    assert run.aa_control(run.summarize(results), results) == []

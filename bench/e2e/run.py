@@ -36,8 +36,12 @@ direct, gaia-uvloop, nginx and tcp-relay take turns round trip by round trip
 latency figures, move by about ±15 µs at p50 from pass to pass.
 
 p99 at 100 connections: each pass records the steal time (/proc/stat) on the
-proxy's CPU. The bar is judged on the passes with (almost) none; the table
-shows all passes too.
+proxy's CPU. The bar compares gaia's and nginx's passes pair by pair (the k-th
+pass of each ran in the same round), both with (almost) no steal: NOT met when
+the 95 % interval of the median ratio lies above 1, not judged with fewer than
+10 pairs; the table shows all passes too. nginx-b (only when named) is a second
+nginx like the first, an A/A control: the report then prints nginx-b ÷ nginx
+beside gaia-uvloop ÷ nginx, the spread two identical proxies show.
 
 TLS (--tls): every proxy terminates TLS (wss://) with one certificate (trustme: an
 ECDSA P-256 key and a test CA) and the context gaia builds for --certfile; nginx
@@ -65,6 +69,7 @@ import ctypes
 import datetime as _dt
 import http.client
 import json
+import math
 import os
 import platform
 import secrets
@@ -89,8 +94,10 @@ DEFAULT_TARGETS = [
     "direct", "gaia-uvloop", "gaia-uvloop-w2", "gaia-asyncio", "nginx", "tcp-relay", "old",
 ]
 # only when named with --targets: gaia with its Prometheus metrics on (--metrics-port), to
-# measure what they cost beside gaia-uvloop
-ALL_TARGETS = [*DEFAULT_TARGETS[:2], "gaia-uvloop-metrics", *DEFAULT_TARGETS[2:]]
+# measure what they cost beside gaia-uvloop; and nginx-b, a second nginx like the first, the
+# A/A control: what the rig reads between two identical proxies (``aa_control``)
+ALL_TARGETS = [*DEFAULT_TARGETS[:2], "gaia-uvloop-metrics", *DEFAULT_TARGETS[2:5], "nginx-b",
+               *DEFAULT_TARGETS[5:]]
 # the 9,000-connection memory run (--memory): the old design opens ~130 conns/s, so it is left
 # out unless named with --targets
 MEMORY_TARGETS = ["direct", "gaia-uvloop", "gaia-asyncio", "nginx"]
@@ -153,11 +160,15 @@ LAT_RATE = 20.0  # msgs/s per connection (a 20 Hz game tick), open loop
 # ms whatever the proxy (bench/RESULTS.md). `direct` is immune: its sender stalls with it. Passes
 # under this share of steal on the proxy's CPU (< 1 tick of 10 ms per second) are "steal-free".
 CALM_STEAL = 0.005
-MIN_CALM = 3  # steal-free passes each of gaia and nginx needs before the p99 bar is judged
+# The p99 bar compares gaia's and nginx's passes pair by pair (``paired_p99``), both
+# steal-free, and asks for this many pairs. With 6, the fewest whose median has a 95 %
+# interval (``median_interval``), that interval spans the lowest and highest ratio: one
+# stalled pass makes it say nothing. With 10 it leaves out one pair at either end.
+MIN_PAIRS = 10
 # the targets the bars compare (and their floor): they get every latency pass, the others
 # lat_passes_all / lat100_passes_all per rep (all of them for all would take the full run past
 # 10 minutes)
-BAR_TARGETS = ("direct", "gaia-uvloop", "nginx", "tcp-relay")
+BAR_TARGETS = ("direct", "gaia-uvloop", "nginx", "nginx-b", "tcp-relay")
 CONNECT_CONCURRENCY = 4
 
 
@@ -531,7 +542,7 @@ def available(name: str, python: str) -> tuple[bool, str]:
         r = subprocess.run([python, "-c", "import uvloop"], check=False,
                            capture_output=True)
         return (True, "") if r.returncode == 0 else (False, f"uvloop not installed for {python}")
-    if name == "nginx":
+    if name in ("nginx", "nginx-b"):
         return (
             (True, "")
             if shutil.which("nginx")
@@ -593,8 +604,8 @@ def start_target(t: Target, ctx: dict[str, Any]) -> None:
             cmd += ["--metrics-port", "0"]
         cmd += cert_args
         env = gaia_env()
-    elif t.name == "nginx":
-        d = tmp / "nginx"
+    elif t.name in ("nginx", "nginx-b"):
+        d = tmp / t.name
         d.mkdir(exist_ok=True)
         os.chmod(tmp, 0o755)
         os.chmod(d, 0o777)  # workers may run as nobody
@@ -1607,6 +1618,54 @@ class Bar:
         )
 
 
+def median_interval(xs: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval of the median of ``xs``: the order statistics
+    that the binomial distribution of the count below the median puts around it (None when
+    there are too few values for ``level``: fewer than 6 at 95 %)."""
+    n, cut = len(xs), 0
+    below = 0.0  # P(at most i of n values fall below the true median)
+    for i in range(n + 1):
+        below += math.comb(n, i) / 2**n
+        if below > (1 - level) / 2:
+            break
+        cut = i + 1
+    if cut == 0:
+        return None
+    ordered = sorted(xs)
+    return ordered[cut - 1], ordered[n - cut]
+
+
+P99_LABEL = "p99 @100 conns no worse than nginx's, paired steal-free passes"
+
+
+def p99_bar(pairs: list[float], detail: str) -> Bar:
+    """The p99 bar on gaia ÷ nginx pass by pass (``paired_p99``).
+
+    Two proxies with the same tail split these pairs about evenly (the A/A control, nginx-b
+    against nginx, does: bench/RESULTS.md), so "≤ 1" on any one statistic of them is a coin
+    flip. The bar is NOT met when the 95 % interval of the median ratio lies above 1: gaia's
+    p99 is then higher than nginx's by more than the run's noise. The interval's upper end
+    says how much worse gaia's tail could be and still pass.
+    """
+    interval = median_interval(pairs)
+    if interval is None or len(pairs) < MIN_PAIRS:
+        return Bar("p99_100", P99_LABEL, None, 1.0, True, detail,
+                   note=f"**not measurable in this run**: {len(pairs)} "
+                   f"pair{'' if len(pairs) == 1 else 's'} of steal-free passes ({MIN_PAIRS} "
+                   f"wanted); {detail}")
+    lo, hi = interval
+    m = statistics.median(pairs)
+    above = sum(x > 1 for x in pairs)
+    bar = Bar("p99_100", P99_LABEL, m, 1.0, True, "", ok=lo <= 1.0)
+    r = bar.text_for  # enough decimals to show the side of 1 a ratio is on
+    bar.detail = (
+        f"median of {len(pairs)} pairs ×{r(m)}, 95 % interval {r(lo)}-{r(hi)} "
+        f"({'above 1: gaia is slower' if lo > 1 else 'reaches 1: no difference this run shows'}"
+        f"); gaia's p99 above nginx's in {above} of {len(pairs)}; {detail}"
+    )
+    return bar
+
+
 def verdicts(summary: dict[str, dict[str, float | None]], results: dict[str, Any]) -> list[str]:
     """The issue's bars, gaia-uvloop (one process, pinned like nginx's one worker) vs nginx."""
     return [b.line() for b in bars(summary, results)]
@@ -1656,28 +1715,20 @@ def bars(summary: dict[str, dict[str, float | None]], results: dict[str, Any]) -
             _r(ga, n_a) if n_a and n_a > 0 else None, 1.25, True, passes,
         ))
     # A pass in which the hypervisor took the proxy's CPU measures that stall, not the proxy
-    # (CALM_STEAL): the bar is judged on the steal-free passes, if both have enough of them.
-    gn, nn = g.get("n_100_calm") or 0, n.get("n_100_calm") or 0
+    # (CALM_STEAL); between rounds the host's state moves the p99 of every proxy alike. So
+    # the bar compares gaia's and nginx's steal-free passes pair by pair (``p99_bar``).
     every = (
-        f"all passes: {fmt(g.get('p99_100'))} vs {fmt(n.get('p99_100'))} µs "
+        f"medians of the steal-free passes {fmt(g.get('p99_100_calm'))} vs "
+        f"{fmt(n.get('p99_100_calm'))} µs (×{fmt(_r(g.get('p99_100_calm'), n.get('p99_100_calm')), 2)}"
+        f", {g.get('n_100_calm') or 0} / {n.get('n_100_calm') or 0} passes); all passes "
+        f"{fmt(g.get('p99_100'))} vs {fmt(n.get('p99_100'))} µs "
         f"(×{fmt(_r(g.get('p99_100'), n.get('p99_100')), 2)}), median steal on the proxy's CPU "
         f"{fmt(pct(g.get('steal_100')))} % / {fmt(pct(n.get('steal_100')))} %"
     )
-    if gn >= MIN_CALM and nn >= MIN_CALM:
-        out.append(Bar(
-            "p99_100", "p99 @100 conns ≤ nginx's, steal-free passes",
-            _r(g.get("p99_100_calm"), n.get("p99_100_calm")), 1.0, True,
-            f"{fmt(g.get('p99_100_calm'))} vs {fmt(n.get('p99_100_calm'))} µs over {gn} / {nn} "
-            f"steal-free passes; {every}",
-        ))
-    elif g.get("n_100") and n.get("n_100"):
-        out.append(Bar(
-            "p99_100", "p99 @100 conns ≤ nginx's", None, 1.0, True, every,
-            note=f"**not measurable in this run**: only {gn} / {nn} passes were steal-free "
-            f"({MIN_CALM} each wanted); {every}",
-        ))
+    if g.get("n_100") and n.get("n_100"):
+        out.append(p99_bar(paired_p99(results, "gaia-uvloop", "nginx"), every))
     else:
-        out.append(Bar("p99_100", "p99 @100 conns ≤ nginx's", None, 1.0, True, every))
+        out.append(Bar("p99_100", P99_LABEL, None, 1.0, True, every))
     out.append(Bar(
         "mb16k", "throughput 16 KiB ≥ nginx's (64k buffers)", g.get("mb16k/nginx"), 1.0, False,
         f"{fmt(g.get('mb16k'), 0)} vs {fmt(n.get('mb16k'), 0)} MB/s",
@@ -1776,7 +1827,7 @@ def over_runs(paths: list[str]) -> str:
         got = [v for v in vals if v is not None]
         m = med(got)
         if key == "p99_100":
-            verdict = "judged on the pooled passes, below"
+            verdict = "judged on the pooled pairs, below"
         elif m is None:
             verdict = "not measured"
         elif key == "kb_conn":  # ok: this run's figure under the bar and all answering
@@ -1784,29 +1835,74 @@ def over_runs(paths: list[str]) -> str:
             verdict = "**met**" if b.met(m) and answered else "**NOT met**"
         else:
             verdict = f"**{'met' if b.met(m) else 'NOT met'}** ({len(got)} runs)"
-        label = b.label.replace(", steal-free passes", ", steal-free passes of each run")
-        out.append(f"| {label} | {cells} | {b.text_for(m, nd)} | {verdict} |")
+        out.append(f"| {b.label} | {cells} | {b.text_for(m, nd)} | {verdict} |")
 
-    def calm(name: str) -> list[float]:
-        passes = [p for r in runs for p in r["results"].get(name, {}).get("lat100", [])
-                  if p and "error" not in p]
-        return [p["p99"] for p in steal_free(passes)]
-
-    gp, np_ = calm("gaia-uvloop"), calm("nginx")
+    pairs = [x for r in runs for x in paired_p99(r["results"], "gaia-uvloop", "nginx")]
     out.append("")
-    if len(gp) >= MIN_CALM and len(np_) >= MIN_CALM:
-        # some run has gaia's passes, so its bars include this one
-        bar, pooled = labels["p99_100"], _r(med(gp), med(np_))
-        ok = pooled is not None and bar.met(pooled)
-        out.append(
-            f"- p99 @100 conns ≤ nginx's, steal-free passes of all {len(runs)} runs pooled: "
-            f"**{'met' if ok else 'NOT met'}** — {bar.text_for(pooled)}; {fmt(med(gp))} vs "
-            f"{fmt(med(np_))} µs over {len(gp)} / {len(np_)} passes"
-        )
-    else:
-        out.append(f"- p99 @100 conns, pooled: only {len(gp)} / {len(np_)} steal-free passes "
-                   f"({MIN_CALM} each wanted)")
+    if any(found.get("p99_100") for found in per_run):
+        pooled = p99_bar(pairs, f"the pairs of all {len(runs)} runs")
+        out.append(pooled.line().replace(P99_LABEL, P99_LABEL + ", pooled over the runs", 1))
     return "\n".join(out) + "\n"
+
+
+def paired_p99(results: dict[str, Any], a: str, b: str) -> list[float]:
+    """``a``'s p99 at 100 connections ÷ ``b``'s, pass by pass: the k-th passes of the two
+    ran in the same round of the same rep, seconds apart (BAR_TARGETS get the same passes).
+    Pairs in which either pass had steal, or failed, are left out."""
+    pa = results.get(a, {}).get("lat100", [])
+    pb = results.get(b, {}).get("lat100", [])
+    if len(pa) != len(pb):
+        return []
+    return [x["p99"] / y["p99"] for x, y in zip(pa, pb, strict=True)
+            if x and y and "error" not in x and "error" not in y and steal_free([x, y]) == [x, y]
+            and y.get("p99")]
+
+
+def spread(xs: list[float]) -> str:
+    """Median (and its 95 % interval), quartiles and range of ratios, and how many are
+    above 1."""
+    if not xs:
+        return "—"
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    interval = median_interval(xs)
+    within = f"95 % interval {interval[0]:.2f}-{interval[1]:.2f}, " if interval else ""
+    return (f"×{statistics.median(xs):.2f} ({within}quartiles {q[0]:.2f}-{q[2]:.2f}, range "
+            f"{min(xs):.2f}-{max(xs):.2f}; above 1 in {sum(x > 1 for x in xs)} of {len(xs)})")
+
+
+def aa_control(summary: dict[str, dict[str, float | None]], results: dict[str, Any]) -> list[str]:
+    """nginx-b ÷ nginx beside gaia-uvloop ÷ nginx: what the rig reads between two identical
+    proxies, taken as the bars take their ratios. A bar's ratio inside that spread is not a
+    difference this run can show."""
+    b, n, g = summary.get("nginx-b"), summary.get("nginx"), summary.get("gaia-uvloop")
+    if not b or not n:
+        return []
+    out = ["", ("A/A control: nginx-b, a second nginx with the same configuration, against "
+                "nginx, taken as the bars take gaia-uvloop's ratios (nginx-b ÷ nginx | "
+                "gaia-uvloop ÷ nginx):")]
+    figures = {
+        "cpu64": "CPU/msg 64 B",
+        "cpu64w": "CPU/msg 64 B, one write per message",
+        "cpu16k": "CPU/msg 16 KiB",
+        "add50x": "added p50, interleaved",
+        "mb16k": "throughput 16 KiB",
+    }
+    for key, label in figures.items():
+        if b.get(f"{key}/nginx") is not None:
+            gv = (g or {}).get(f"{key}/nginx")
+            out.append(f"- {label}: ×{fmt(b[f'{key}/nginx'], 2)} | ×{fmt(gv, 2)}")
+    if n.get("n_100_calm"):
+        bp, np_ = b.get("p99_100_calm"), n.get("p99_100_calm")
+        gv = _r((g or {}).get("p99_100_calm"), np_)
+        out.append(
+            f"- p99 @100 conns, steal-free passes: ×{fmt(_r(bp, np_), 2)} ({fmt(bp)} vs "
+            f"{fmt(np_)} µs over {b.get('n_100_calm')} / {n.get('n_100_calm')} passes) | "
+            f"×{fmt(gv, 2)}")
+        out.append(f"- the same, pass by pass (the two passes of a pair ran in the same round, "
+                   f"seconds apart, both steal-free): "
+                   f"{spread(paired_p99(results, 'nginx-b', 'nginx'))} | "
+                   f"{spread(paired_p99(results, 'gaia-uvloop', 'nginx'))}")
+    return out
 
 
 def scaling(summary: dict[str, dict[str, float | None]]) -> list[str]:
@@ -1859,6 +1955,7 @@ def report(
     results: dict[str, Any],
     elapsed: float,
 ) -> str:
+    bar_targets = [n for n in BAR_TARGETS if n in targets]
     out = [
         "## gaia-gateway end-to-end benchmark",
         "",
@@ -1901,16 +1998,19 @@ def report(
             "no coordinated omission); latency figures are medians over all passes: per rep, "
             f"{'/'.join(map(str, lat_passes(cfg, 'lat1')))} at 1 conn and "
             f"{'/'.join(map(str, lat_passes(cfg, 'lat100')))} at 100 conns for "
-            f"{', '.join(BAR_TARGETS)} / the others, "
+            f"{', '.join(bar_targets)} / the others, "
             "targets alternating within each pass. Added p50 interleaved (the bar's figure): "
             f"once per rep, one {cfg['lat1x_dur']:g} s window in which "
-            f"{', '.join(BAR_TARGETS)} take turns round trip by round trip over one "
+            f"{', '.join(bar_targets)} take turns round trip by round trip over one "
             "connection each, in a fresh random order every round, so that they all meet the "
             "same host state; added = the target's p50 − direct's in that window; ×nginx is "
             "taken window by window. Steal-free passes: those in which the hypervisor "
             f"took under {CALM_STEAL * 100:g} % of the proxy's CPU (steal, /proc/stat); in a pass "
             "with more, the proxy stalls while the loadgen on the other CPU keeps sending, so its "
-            "p99 measures the stall (`direct` is immune: its sender stalls too). "
+            "p99 measures the stall (`direct` is immune: its sender stalls too). The p99 "
+            "bar takes gaia's p99 ÷ nginx's pass by pass (the k-th passes of the two, in the "
+            "same round), where both passes are steal-free, and the 95 % interval of their "
+            "median (order statistics): NOT met when it lies above 1. "
             "Handshakes: "
             f"{CONNECT_CONCURRENCY} concurrent clients, each a fresh JWT, upgrade + 1 echo + close; CPU ms per "
             f"handshake of the proxy. Idle: {cfg['idle_conns']} idle conns, ΔVmRSS of the proxy (tree) / "
@@ -1974,6 +2074,8 @@ def report(
             ),
             *vd,
         ]
+    if not only_idle:
+        out += aa_control(summary, results)
     fl: dict[str, list[float]] = {}
     for name in targets:
         for rs in results[name].values():
