@@ -125,6 +125,12 @@ class LogCapture(logging.Handler):
         with self._lock2:
             return "\n".join(self.lines)
 
+    def messages(self, message: str) -> list[str]:
+        """The text lines with this message (``<time> <level> <message> ...``)."""
+        with self._lock2:
+            lines = [entry.split("\n", 1)[0] for entry in self.lines]
+        return [line for line in lines if line.split(" ", 3)[2:3] == [message]]
+
     def assert_no_secrets(self, secrets: Iterable[str]) -> None:
         assert_no_secrets(self.text(), secrets, where="gateway log records")
 
@@ -267,6 +273,22 @@ class Guard:
         # 4. no token in the logs
         assert self.logs.lines, "no log line was captured: the capture is not working"
         self.logs.assert_no_secrets([*self.secrets, *secrets, SECRET])
+
+
+@dataclass
+class Tls:
+    """A wss:// gateway's certificate files, and a client context that trusts them."""
+
+    certfile: str
+    keyfile: str
+    client_ssl: ssl.SSLContext
+
+
+def tls_gateway(harden: Callable[..., Guard], echo: CountingEcho, tls: Tls,
+                **settings: Any) -> Guard:
+    """``harden`` for a wss:// gateway whose main route goes to ``echo``."""
+    return harden(echo.url(), certfile=tls.certfile, keyfile=tls.keyfile,
+                  client_ssl=tls.client_ssl, **settings)
 
 
 # -------------------------------------------------------------------------- upstreams
@@ -727,7 +749,8 @@ def jwks_document(kid: str) -> dict[str, Any]:
 def read_until_closed(socks: Sequence[socket.socket],
                       deadline: float) -> tuple[list[bytes], set[int]]:
     """Read every socket until its peer closes it (a reset counts as the close) or the
-    ``time.monotonic()`` deadline passes: what each one received, and which were closed."""
+    ``time.monotonic()`` deadline passes: what each one received, and which were closed.
+    TLS sockets' application data counts, and their close_notify as a close."""
     answers = [b""] * len(socks)
     ended: set[int] = set()
     sel = selectors.DefaultSelector()
@@ -742,6 +765,8 @@ def read_until_closed(socks: Sequence[socket.socket],
                     data = key.fileobj.recv(65536)  # type: ignore[union-attr]
                 except ConnectionResetError:
                     data = b""
+                except ssl.SSLWantReadError:  # a TLS record with no data: a session ticket
+                    continue
                 if data:
                     answers[i] += data
                 else:

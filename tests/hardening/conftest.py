@@ -15,8 +15,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _support import CONTROL_PATH, CountingEcho, Guard, LogCapture
-from helpers import EchoServer, GatewayHandle
+import trustme
+from _support import CONTROL_PATH, CountingEcho, Guard, LogCapture, Tls
+from helpers import EchoServer, GatewayHandle, gateway_cert_files, trusting
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -78,3 +79,10 @@ def harden(gateway_factory: Callable[..., GatewayHandle], control: EchoServer,
         return Guard(gw, control, logs, warm=warm, client_ssl=client_ssl, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    """A test CA's certificate for wss:// gateways (``_support.tls_gateway``)."""
+    ca = trustme.CA()
+    return Tls(*gateway_cert_files(ca, tmp_path_factory.mktemp("tls")), trusting(ca))

@@ -16,52 +16,30 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
-import trustme
 from _support import (
     ALLOWANCE,
     CountingEcho,
     Guard,
     MiB,
+    Tls,
     masked,
     read_until_closed,
     sockets_closed,
+    tls_gateway,
 )
 from helpers import (
     HOST,
-    gateway_cert_files,
     metric,
     scrape,
     token,
-    trusting,
     upgrade_request,
     wait_until,
 )
 from websockets.exceptions import InvalidStatus
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@dataclass
-class Tls:
-    certfile: str
-    keyfile: str
-    client_ssl: ssl.SSLContext  # trusts the gateway's certificate
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
-    ca = trustme.CA()
-    return Tls(*gateway_cert_files(ca, tmp_path_factory.mktemp("tls21")), trusting(ca))
-
-
-def tls_gateway(harden: Callable[..., Guard], echo: CountingEcho, tls: Tls,
-                **settings: Any) -> Guard:
-    return harden(echo.url(), certfile=tls.certfile, keyfile=tls.keyfile,
-                  client_ssl=tls.client_ssl, **settings)
 
 
 def _client_hello(ctx: ssl.SSLContext) -> bytes:
@@ -71,17 +49,6 @@ def _client_hello(ctx: ssl.SSLContext) -> bytes:
     with pytest.raises(ssl.SSLWantReadError):
         obj.do_handshake()
     return outgoing.read()
-
-
-def _log_lines(g: Guard, message: str) -> list[str]:
-    """The gateway's text lines with this message (``<time> <level> <message> ...``)."""
-    found = []
-    for entry in g.logs.lines:
-        line = entry.split("\n", 1)[0]
-        parts = line.split(" ", 3)
-        if len(parts) >= 3 and parts[2] == message:
-            found.append(line)
-    return found
 
 
 @pytest.mark.parametrize("attack", ["silent", "half-hello"])
@@ -114,7 +81,7 @@ def test_case_21_tls_handshake_never_finished(harden: Callable[..., Guard], echo
     assert set(got) == {b""}, "the gateway answered an unfinished ClientHello"
     assert done_at < deadline, f"closed {done_at - t_open:.2f}s after the first was opened"
     # ... and each has its log line, with the reason.
-    timeouts = _log_lines(g, "tls")
+    timeouts = g.logs.messages("tls")
     assert len(timeouts) == n, f"{len(timeouts)} tls log lines for {n} timeouts"
     assert all('reason="TLS handshake timeout"' in line for line in timeouts), timeouts[:3]
     # ... and the metrics count them.
@@ -197,8 +164,8 @@ def test_case_21_tls_failures_answered_and_logged(harden: Callable[..., Guard],
         "not-tls": "TLS handshake failed: WRONG_VERSION_NUMBER",
         "old-tls": "TLS handshake failed: UNSUPPORTED_PROTOCOL",
     }[client]
-    assert wait_until(lambda: len(_log_lines(g, "tls")) == 1, 3), _log_lines(g, "tls")
-    lines = _log_lines(g, "tls")
+    assert wait_until(lambda: len(g.logs.messages("tls")) == 1, 3), g.logs.messages("tls")
+    lines = g.logs.messages("tls")
     assert "warning tls client=127.0.0.1" in lines[0] and f"reason={reason!r}" in \
         lines[0].replace('"', "'"), lines
     if client == "plain-http":
