@@ -96,6 +96,7 @@ def build_gateway(settings: Settings) -> Gateway:
             allowed_origins=frozenset(settings.allowed_origins)
             if settings.allowed_origins is not None else None,
             max_connections=settings.max_connections,
+            max_connections_per_ip=settings.max_connections_per_ip,
             version=__version__,
         )
     except ValueError as exc:

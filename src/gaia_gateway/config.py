@@ -64,6 +64,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _optional_positive_int(text: str) -> int | None:
+    if text.strip().lower() in ("", "0", "off", "none"):
+        return None
+    return _positive_int(text)
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -137,6 +143,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_message_size", _size, 1024 * 1024, "largest message either way (close 1009)"),
     Option("max_header_bytes", _size, 16 * 1024, "largest request head (431)"),
     Option("max_connections", _positive_int, 9000, "client connections per process (503)"),
+    Option("max_connections_per_ip", _optional_positive_int, None,
+           "client connections one address may hold, per process (429); unset: no limit"),
     Option("handshake_timeout", _seconds, 10.0,
            "seconds for a client's TLS handshake, then for its upgrade request (408)"),
     Option("connect_timeout", _seconds, 5.0, "seconds for the upstream connect+handshake (504)"),

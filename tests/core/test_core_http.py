@@ -8,6 +8,7 @@ from urllib.parse import parse_qsl
 
 import pytest
 from wire import (
+    CLIENT_ADDR,
     NOW,
     header,
     kinds,
@@ -234,6 +235,38 @@ def test_connection_cap_is_503() -> None:
     gw.open_connections = 2
     s = make_session(gw)
     assert kinds(s.receive_client(request(tok=token()), NOW)) == [ConnectUpstream]
+
+
+def test_address_cap_is_429_for_that_address_only() -> None:
+    gw = make_gateway(max_connections_per_ip=2)
+    for _ in range(3):  # this session's socket is the third from its address
+        gw.connection_opened(CLIENT_ADDR)
+    gw.connection_opened("198.51.100.9")
+    assert gw.open_connections == 4
+    assert gw.by_address == {CLIENT_ADDR: 3, "198.51.100.9": 1}
+    s, resp = refused(request(tok=token()), 429, gw)
+    assert s.reason == "too many connections from this address"
+    assert b"429 Too Many Requests" in resp
+    # /health answers whatever the address holds (load balancers poll it)
+    health = make_session(gw).receive_client(request("/health"), NOW)
+    assert parse_response(health[0].data)[0] == 200
+    gw.connection_closed(CLIENT_ADDR)  # down to 2: this one may go on
+    s = make_session(gw)
+    assert kinds(s.receive_client(request(tok=token()), NOW)) == [ConnectUpstream]
+    gw.connection_closed(CLIENT_ADDR)
+    gw.connection_closed(CLIENT_ADDR)
+    gw.connection_closed("198.51.100.9")
+    assert (gw.open_connections, gw.by_address) == (0, {})  # nothing kept for gone addresses
+
+
+def test_without_an_address_cap_no_address_is_kept() -> None:
+    gw = make_gateway()
+    gw.connection_opened(CLIENT_ADDR)
+    assert (gw.open_connections, gw.by_address) == (1, {})
+    s = make_session(gw)
+    assert kinds(s.receive_client(request(tok=token()), NOW)) == [ConnectUpstream]
+    gw.connection_closed(CLIENT_ADDR)
+    assert gw.open_connections == 0
 
 
 @pytest.mark.parametrize("state", ["request", "connecting", "upstream-handshake"])

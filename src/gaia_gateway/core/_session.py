@@ -94,6 +94,7 @@ class Gateway:
         *,
         allowed_origins: frozenset[str] | None = None,
         max_connections: int | None = None,
+        max_connections_per_ip: int | None = None,
         version: str = "0",
     ) -> None:
         if not routes:
@@ -106,9 +107,27 @@ class Gateway:
         self.limits = limits or Limits()
         self.allowed_origins = allowed_origins
         self.max_connections = max_connections
+        self.max_connections_per_ip = max_connections_per_ip
         self.version = version
         self.draining = False
-        self.open_connections = 0  # kept by the transport: accepted client sockets
+        # kept by the transport (``connection_opened``, ``connection_closed``): accepted
+        # client sockets, and with a per-address limit, how many each address holds
+        self.open_connections = 0
+        self.by_address: dict[str, int] = {}
+
+    def connection_opened(self, address: str) -> None:
+        self.open_connections += 1
+        if self.max_connections_per_ip is not None:
+            self.by_address[address] = self.by_address.get(address, 0) + 1
+
+    def connection_closed(self, address: str) -> None:
+        self.open_connections -= 1
+        if self.max_connections_per_ip is not None:
+            left = self.by_address[address] - 1
+            if left:
+                self.by_address[address] = left
+            else:
+                del self.by_address[address]
 
     def health(self) -> bytes:
         body = json.dumps(
@@ -586,6 +605,9 @@ class Session:
         gw = self.gateway
         if gw.max_connections is not None and gw.open_connections > gw.max_connections:
             return self._reject(503, "too many connections", now, [("Retry-After", "1")])
+        per_ip = gw.max_connections_per_ip
+        if per_ip is not None and gw.by_address.get(self.client_addr, 0) > per_ip:
+            return self._reject(429, "too many connections from this address", now)
         upgrade = check_upgrade(req, headers)
         if isinstance(upgrade, UpgradeRefused):
             return self._reject(upgrade.status, upgrade.reason, now, list(upgrade.headers))

@@ -96,7 +96,7 @@ class ClientProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(  # type: ignore[attr-defined]
             limits.write_buffer_high, limits.write_buffer_low)
         addr = peer_address(transport)
-        server.gateway.open_connections += 1
+        server.gateway.connection_opened(addr)
         server.clients.add(self)
         self.session = Session(
             server.gateway, client_addr=addr, tls=server.tls, request_id=os.urandom(16).hex(),
@@ -131,7 +131,7 @@ class ClientProtocol(asyncio.Protocol):
             self.run(session.client_eof(time.time()))
         if self._linger is not None:
             self._linger.cancel()
-        self.server.gateway.open_connections -= 1
+        self.server.gateway.connection_closed(self.session.client_addr)  # type: ignore[union-attr]
         self.c2u = None
         if self._connect_task is not None and not self._connect_task.done():
             self._connect_task.cancel()

@@ -149,8 +149,8 @@ class TlsProtocol(asyncio.Protocol):
     transport, with the part of the transport API that the gateway uses.
     """
 
-    __slots__ = ("_app_made", "_eof_given", "_linger", "_shut", "_timer", "app", "raw",
-                 "server", "tls")
+    __slots__ = ("_app_made", "_eof_given", "_linger", "_shut", "_timer", "address", "app",
+                 "raw", "server", "tls")
 
     def __init__(self, server: GatewayServer) -> None:
         assert server.server_ssl is not None
@@ -158,6 +158,7 @@ class TlsProtocol(asyncio.Protocol):
         self.app = ClientProtocol(server)
         self.tls = ServerTls(server.server_ssl)
         self.raw: asyncio.Transport | None = None
+        self.address = "unknown"  # the client's, once connected
         self._app_made = False
         self._eof_given = False  # the client's end was passed to the app
         self._shut = False  # our close_notify is out: nothing more to send
@@ -172,7 +173,8 @@ class TlsProtocol(asyncio.Protocol):
         server = self.server
         limits = server.gateway.limits
         raw.set_write_buffer_limits(limits.write_buffer_high, limits.write_buffer_low)
-        server.gateway.open_connections += 1  # the app counts it itself once it has it
+        self.address = peer_address(raw)
+        server.gateway.connection_opened(self.address)  # the app counts it once it has it
         server.handshaking.add(self)
         self._timer = server.loop.call_later(limits.handshake_timeout, self._handshake_timeout)
 
@@ -206,7 +208,7 @@ class TlsProtocol(asyncio.Protocol):
         if self._app_made:
             self.app.connection_lost(exc)
         else:
-            self.server.gateway.open_connections -= 1
+            self.server.gateway.connection_closed(self.address)
             self.server.handshaking.discard(self)
 
     def pause_writing(self) -> None:
@@ -221,7 +223,8 @@ class TlsProtocol(asyncio.Protocol):
         self._cancel_timers()
         server = self.server
         server.handshaking.discard(self)
-        server.gateway.open_connections -= 1  # ClientProtocol.connection_made counts it again
+        # ClientProtocol.connection_made counts it again
+        server.gateway.connection_closed(self.address)
         self._app_made = True
         self.app.connection_made(self)  # type: ignore[arg-type]  # the transport API it uses
 
@@ -258,7 +261,7 @@ class TlsProtocol(asyncio.Protocol):
         if metrics is not None:
             metrics.tls_failed(kind)
         if log.isEnabledFor(logging.WARNING):
-            log.warning("tls", extra={"fields": {"client": peer_address(self.raw),
+            log.warning("tls", extra={"fields": {"client": self.address,
                                                  "status": status,
                                                  "reason": reason}})
 
