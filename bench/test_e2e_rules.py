@@ -57,7 +57,7 @@ def test_the_p99_bar_pairs_steal_free_passes_and_asks_for_a_difference_beyond_th
     line = p99_verdict(results)
     assert line.startswith("- p99 @100 conns no worse than nginx's, paired steal-free passes: "
                            "**met** — median of 10 pairs ×0.98, 95 % interval 0.92-1.02 "
-                           "(reaches 1: no difference this run shows); gaia's p99 above "
+                           "(reaches 1: this run cannot tell them apart); gaia's p99 above "
                            "nginx's in 4 of 10; "), line
     assert "medians of the steal-free passes 615.0 vs 640.0 µs (×0.96, 10 / 11 passes)" in line
     assert "all passes 630.0 vs 645.0 µs" in line, line
@@ -69,6 +69,11 @@ def test_the_p99_bar_pairs_steal_free_passes_and_asks_for_a_difference_beyond_th
     line = p99_verdict({"gaia-uvloop": {"lat100": gaia_slow}, "nginx": {"lat100": nginx_calm}})
     assert "**NOT met** — median of 11 pairs ×1.10, 95 % interval 1.10-1.10 (above 1: gaia is " \
         "slower)" in line, line
+    # and every pair 10 % faster: met, and the interval says which way
+    gaia_fast = lat100(*((x * 0.9, 0.0) for x in calm))
+    line = p99_verdict({"gaia-uvloop": {"lat100": gaia_fast}, "nginx": {"lat100": nginx_calm}})
+    assert "**met** — median of 11 pairs ×0.90, 95 % interval 0.90-0.90 (below 1: gaia is " \
+        "faster)" in line, line
 
 
 def test_too_few_steal_free_pairs_is_said_not_judged() -> None:
@@ -179,7 +184,7 @@ def test_over_runs_judges_the_median_and_pools_the_paired_passes(tmp_path: Path)
     # different numbers of passes there, so they do not line up), one in the second
     assert rows["p99 @100 conns no worse than nginx's, paired steal-free passes"].endswith(
         "| — | — | — | — | judged on the pooled pairs, below |")
-    assert ("paired steal-free passes, pooled over the runs: **not measurable in this run**: "
+    assert ("paired steal-free passes, pooled over the runs: **not measurable in these runs**: "
             "1 pair of steal-free passes (10 wanted)") in text
     assert "different commits" not in text
     assert "The Python proxies ran on /usr/bin/python3.11, Python 3.11.2" in text

@@ -1638,7 +1638,7 @@ def median_interval(xs: list[float], level: float = 0.95) -> tuple[float, float]
 P99_LABEL = "p99 @100 conns no worse than nginx's, paired steal-free passes"
 
 
-def p99_bar(pairs: list[float], detail: str) -> Bar:
+def p99_bar(pairs: list[float], detail: str, scope: str = "this run") -> Bar:
     """The p99 bar on gaia ÷ nginx pass by pass (``paired_p99``).
 
     Two proxies with the same tail split these pairs about evenly (the A/A control, nginx-b
@@ -1647,21 +1647,23 @@ def p99_bar(pairs: list[float], detail: str) -> Bar:
     p99 is then higher than nginx's by more than the run's noise. The interval's upper end
     says how much worse gaia's tail could be and still pass.
     """
-    interval = median_interval(pairs)
-    if interval is None or len(pairs) < MIN_PAIRS:
+    if len(pairs) < MIN_PAIRS:
         return Bar("p99_100", P99_LABEL, None, 1.0, True, detail,
-                   note=f"**not measurable in this run**: {len(pairs)} "
+                   note=f"**not measurable in {scope}**: {len(pairs)} "
                    f"pair{'' if len(pairs) == 1 else 's'} of steal-free passes ({MIN_PAIRS} "
                    f"wanted); {detail}")
+    interval = median_interval(pairs)
+    assert interval is not None  # MIN_PAIRS values have one
     lo, hi = interval
     m = statistics.median(pairs)
     above = sum(x > 1 for x in pairs)
     bar = Bar("p99_100", P99_LABEL, m, 1.0, True, "", ok=lo <= 1.0)
     r = bar.text_for  # enough decimals to show the side of 1 a ratio is on
+    reading = ("above 1: gaia is slower" if lo > 1 else "below 1: gaia is faster" if hi < 1
+               else f"reaches 1: {scope} cannot tell them apart")
     bar.detail = (
-        f"median of {len(pairs)} pairs ×{r(m)}, 95 % interval {r(lo)}-{r(hi)} "
-        f"({'above 1: gaia is slower' if lo > 1 else 'reaches 1: no difference this run shows'}"
-        f"); gaia's p99 above nginx's in {above} of {len(pairs)}; {detail}"
+        f"median of {len(pairs)} pairs ×{r(m)}, 95 % interval {r(lo)}-{r(hi)} ({reading}); "
+        f"gaia's p99 above nginx's in {above} of {len(pairs)}; {detail}"
     )
     return bar
 
@@ -1840,7 +1842,7 @@ def over_runs(paths: list[str]) -> str:
     pairs = [x for r in runs for x in paired_p99(r["results"], "gaia-uvloop", "nginx")]
     out.append("")
     if any(found.get("p99_100") for found in per_run):
-        pooled = p99_bar(pairs, f"the pairs of all {len(runs)} runs")
+        pooled = p99_bar(pairs, f"the pairs of all {len(runs)} runs", "these runs")
         out.append(pooled.line().replace(P99_LABEL, P99_LABEL + ", pooled over the runs", 1))
     return "\n".join(out) + "\n"
 
