@@ -25,6 +25,7 @@ from helpers import (
     RawWS,
     bad_tokens,
     clean_env,
+    connect_tls,
     free_port,
     gateway_args,
     gateway_cert_files,
@@ -166,7 +167,7 @@ def test_sighup_reloads_the_tls_certificate(loop_kind: str, workers: int, echo: 
 
     def echoes(ca: trustme.CA, text: str) -> bool:
         try:
-            with connect(url, ssl=trusting(ca), open_timeout=3) as ws:
+            with connect_tls(url, trusting(ca), open_timeout=3) as ws:
                 ws.send(text)
                 return ws.recv(timeout=3) == text
         except ssl.SSLCertVerificationError:
@@ -178,7 +179,7 @@ def test_sighup_reloads_the_tls_certificate(loop_kind: str, workers: int, echo: 
     try:
         assert wait_until(lambda: cli.count("listening") == workers, 15, 0.05), cli.log
         assert wait_until(lambda: echoes(old_ca, "before"), 5, 0.05)
-        with connect(url, ssl=trusting(old_ca), open_timeout=3) as before:
+        with connect_tls(url, trusting(old_ca), open_timeout=3) as before:
             gateway_cert_files(new_ca, tmp_path)  # the renewed certificate, same files
             cli.proc.send_signal(signal.SIGHUP)
             assert wait_until(lambda: cli.count("TLS certificate reloaded") == workers, 5), \

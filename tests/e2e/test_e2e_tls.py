@@ -19,6 +19,7 @@ from helpers import (
     EchoServer,
     GatewayHandle,
     RawWS,
+    connect_tls,
     encode_frame,
     gateway_cert_files,
     handshake_status,
@@ -27,7 +28,6 @@ from helpers import (
     upgrade_request,
 )
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import connect
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -85,7 +85,7 @@ def test_tls_both_legs_echo(gateway_factory: Callable[..., GatewayHandle], pki: 
     gw = tls_gateway(gateway_factory, pki, tls_echo.url())
     url = gw.url(token())
     assert url.startswith("wss://")
-    with connect(url, ssl=pki.client_ctx(), open_timeout=5, max_size=None) as ws:
+    with connect_tls(url, pki.client_ctx(), max_size=None) as ws:
         for message in ("hello", b"\x00\x01" * 40000, "y" * 70000):
             ws.send(message)
             assert ws.recv(timeout=3) == message
@@ -100,13 +100,13 @@ def test_tls_both_legs_echo(gateway_factory: Callable[..., GatewayHandle], pki: 
 def test_tls_upstream_close_and_drop(gateway_factory: Callable[..., GatewayHandle], pki: Pki,
                                      tls_echo: EchoServer) -> None:
     gw = tls_gateway(gateway_factory, pki, tls_echo.url())
-    with connect(gw.url(token()), ssl=pki.client_ctx(), open_timeout=5) as ws:
+    with connect_tls(gw.url(token()), pki.client_ctx()) as ws:
         ws.send("cmd:close 4002 srv")
         with pytest.raises(ConnectionClosed) as info:
             ws.recv(timeout=3)
         assert info.value.rcvd is not None
         assert (info.value.rcvd.code, info.value.rcvd.reason) == (4002, "srv")
-    with connect(gw.url(token()), ssl=pki.client_ctx(), open_timeout=5) as ws:
+    with connect_tls(gw.url(token()), pki.client_ctx()) as ws:
         ws.send("cmd:drop")
         with pytest.raises(ConnectionClosed) as info:
             ws.recv(timeout=3)

@@ -58,6 +58,7 @@ from helpers import (
     GatewayHandle,
     LoopThread,
     clean_env,
+    connect_tls,
     encode_frame,
     open_fds,
     proc_rss,
@@ -216,7 +217,9 @@ class Guard:
         """A normal client completes ``n`` echoes on ``path``; the slowest round trip."""
         slowest = 0.0
         t0 = time.monotonic()
-        with connect(self.url(path), open_timeout=5, close_timeout=3, ssl=self.client_ssl) as ws:
+        url = self.url(path)
+        with (connect_tls(url, self.client_ssl, close_timeout=3) if self.client_ssl is not None
+              else connect(url, open_timeout=5, close_timeout=3)) as ws:
             opened = time.monotonic() - t0
             assert opened < ALLOWANCE, f"a normal handshake took {opened:.2f}s"
             for i in range(n):

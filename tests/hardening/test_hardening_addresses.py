@@ -22,6 +22,7 @@ from helpers import (
     HOST,
     GatewayProcess,
     clean_env,
+    connect_tls,
     free_port,
     gateway_args,
     metric,
@@ -58,9 +59,10 @@ def raw_from(g: Guard, source: str) -> socket.socket:
 
 def session_from(g: Guard, source: str) -> ClientConnection:
     """A websocket session with a good token, from ``source``."""
+    if g.client_ssl is not None:
+        return connect_tls(g.url(), g.client_ssl, source=source, close_timeout=3)
     sock = socket.create_connection((HOST, g.port), timeout=5, source_address=(source, 0))
-    return connect(g.url(), sock=sock, ssl=g.client_ssl, open_timeout=5, close_timeout=3,
-                   server_hostname=HOST if g.client_ssl is not None else None)
+    return connect(g.url(), sock=sock, open_timeout=5, close_timeout=3)
 
 
 def held(g: Guard, address: str) -> int:
