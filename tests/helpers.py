@@ -696,13 +696,15 @@ def connect_tls(url: str, ctx: ssl.SSLContext, *, source: str | None = None,
     The sync client reads in a thread of its own while it writes from the caller's, and an
     SSL socket is not safe for that (python/cpython#137583): a ticket read while the upgrade
     request is written can lose the request, and the gateway then answers 408 to nothing.
-    That happened about once in 300 handshakes with two test runs at once. With the tickets
-    read first, nothing arrives until the answer to the request.
+    That happened about once in 200 handshakes with two test runs at once
+    (docs/HARDENING.md, Findings). With the tickets read first, nothing arrives until the
+    answer to the request.
     """
     parts = urlsplit(url)
     assert parts.scheme == "wss" and parts.hostname and parts.port, url
     sock = socket.create_connection((parts.hostname, parts.port), timeout=open_timeout,
                                     source_address=(source, 0) if source else None)
+    tls: ssl.SSLSocket | None = None
     try:
         tls = ctx.wrap_socket(sock, server_hostname=parts.hostname)
         deadline = time.monotonic() + open_timeout
@@ -715,7 +717,7 @@ def connect_tls(url: str, ctx: ssl.SSLContext, *, source: str | None = None,
                     raise AssertionError("the server sent data before the upgrade request")
         tls.settimeout(open_timeout)
     except BaseException:
-        sock.close()
+        (tls or sock).close()  # the SSL socket owns the descriptor once it exists
         raise
     return sync_connect(parts._replace(scheme="ws").geturl(), sock=tls,
                         open_timeout=open_timeout, **kwargs)
