@@ -104,8 +104,11 @@ async def measure(layer: str, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLCon
             buf[: len(data)] = data
             proto.buffer_updated(len(data))
     else:
+        # the connection's bookkeeping happens once per connection, not per record
+        gateway = SimpleNamespace(limits=Limits(), connection_opened=lambda _address: None,
+                                  connection_closed=lambda _address: None)
         server = SimpleNamespace(server_ssl=server_ctx, loop=loop, handshaking=set(),
-                                 gateway=SimpleNamespace(limits=Limits(), open_connections=0))
+                                 gateway=gateway)
         proto = TlsProtocol(server)  # type: ignore[arg-type]
         proto.app = Echo()  # the layer alone: no session, no relay
         feed = proto.data_received
