@@ -12,9 +12,12 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["OPTIONS", "ConfigError", "Option", "Settings", "add_arguments", "load_settings"]
+
+
+T = TypeVar("T")
 
 
 class ConfigError(Exception):
@@ -41,20 +44,8 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _optional_seconds(text: str) -> float | None:
-    if text.strip().lower() in ("", "0", "off", "none"):
-        return None
-    return _seconds(text)
-
-
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
-
-
-def _optional_csv(text: str) -> tuple[str, ...] | None:
-    if text.strip().lower() in ("", "none", "off", "*"):
-        return None
-    return _csv(text)
 
 
 def _positive_int(text: str) -> int:
@@ -64,12 +55,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _optional_positive_int(text: str) -> int | None:
-    if text.strip().lower() in ("", "0", "off", "none"):
-        return None
-    return _positive_int(text)
-
-
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -77,10 +62,21 @@ def _port(text: str) -> int:
     return value
 
 
-def _optional_port(text: str) -> int | None:
-    if text.strip().lower() in ("", "off", "none"):
-        return None
-    return _port(text)
+_OFF = ("", "0", "off", "none")
+
+
+def _or_off(parse: Callable[[str], T], off: tuple[str, ...] = _OFF) -> Callable[[str], T | None]:
+    """``parse``, or None (the option is off) for any of the words ``off`` (any case)."""
+    def parse_or_off(text: str) -> T | None:
+        return None if text.strip().lower() in off else parse(text)
+
+    return parse_or_off
+
+
+_optional_seconds = _or_off(_seconds)
+_optional_csv = _or_off(_csv, ("", "none", "off", "*"))
+_optional_positive_int = _or_off(_positive_int)
+_optional_port = _or_off(_port, ("", "off", "none"))  # 0 is a port: any free one
 
 
 def _choice(*choices: str) -> Callable[[str], str]:

@@ -56,6 +56,22 @@ _MAX_REQUEST_HEAD = 8192
 MAX_SCRAPES = 16
 
 
+def _relayed(session: Session) -> tuple[int, int, int, int]:
+    """An open session's messages from and to the client, then its bytes from and to it."""
+    c2u, u2c = session.c2u, session.u2c
+    assert c2u is not None and u2c is not None
+    return c2u.messages, u2c.messages, c2u.bytes, u2c.bytes
+
+
+def _child(cache: dict[Any, Any], key: Any, metric: Any, *labels: str) -> Any:
+    """``metric``'s child for ``labels``, looked up once per ``key``: ``labels()`` takes a lock
+    and builds a key each time."""
+    child = cache.get(key)
+    if child is None:
+        child = cache[key] = metric.labels(*labels)
+    return child
+
+
 class Metrics:
     """One process's metrics, fed by the transport at connection events."""
 
@@ -106,7 +122,7 @@ class Metrics:
         self.sessions = Gauge(
             "gaia_gateway_sessions", "Open websocket sessions (relaying or closing)",
             registry=own, multiprocess_mode="livesum")
-        # Label children, looked up once: labels() takes a lock and builds a key each time.
+        # Label children (``_child``), by status, by (side, code), by initiator.
         self._status_children: dict[int | None, Any] = {}
         self._close_children: dict[tuple[str, int | None], Any] = {}
         self._ended_children: dict[str | None, Any] = {}
@@ -122,11 +138,8 @@ class Metrics:
     # ------------------------------------------------------------ connection events
 
     def answered(self, status: int | None) -> None:
-        child = self._status_children.get(status)
-        if child is None:
-            child = self.requests.labels("none" if status is None else str(status))
-            self._status_children[status] = child
-        child.inc()
+        _child(self._status_children, status, self.requests,
+               "none" if status is None else str(status)).inc()
 
     def opened(self, session: Session) -> None:
         self.answered(101)
@@ -135,29 +148,17 @@ class Metrics:
     def finished(self, session: Session) -> None:
         """A client connection is released; a session's counts move to the totals."""
         if session.status == 101:
-            c2u, u2c = session.c2u, session.u2c
-            assert c2u is not None and u2c is not None
-            done = self._done
-            done[0] += c2u.messages
-            done[1] += u2c.messages
-            done[2] += c2u.bytes
-            done[3] += u2c.bytes
+            self._done = [done + n for done, n in zip(self._done, _relayed(session), strict=True)]
             initiator = session.initiator
-            child = self._ended_children.get(initiator)
-            if child is None:
-                child = self._ended_children[initiator] = self.sessions_ended.labels(
-                    initiator or "gateway")
-            child.inc()
-            closes = self._close_children
+            _child(self._ended_children, initiator, self.sessions_ended,
+                   initiator or "gateway").inc()
             for side, close in (("client", session.client_close),
                                 ("upstream", session.upstream_close),
                                 ("gateway", session.gateway_close)):
-                if close is not None:
-                    child = closes.get((side, close[0]))
-                    if child is None:  # codes are bounded: 1000-1015, 3000-4999
-                        code = close[0] if close[0] is not None else 1005
-                        child = closes[(side, close[0])] = self.closes.labels(side, str(code))
-                    child.inc()
+                if close is not None:  # codes are bounded: 1000-1015, 3000-4999
+                    code = close[0]
+                    _child(self._close_children, (side, code), self.closes, side,
+                           str(code if code is not None else 1005)).inc()
             if session.ended is not None:
                 self.session_seconds.observe(session.ended - session.started)
         else:  # refused, /health, or left: 101s are counted when they happen
@@ -170,18 +171,18 @@ class Metrics:
 
     def publish(self) -> None:
         """Bring the live figures up to date: relayed counts, open connections and sessions."""
-        totals = list(self._done)
+        m_in, m_out, b_in, b_out = self._done
         sessions = 0
         for client in self.server.clients:
             session = client.session
             if session is not None and session.status == 101:
-                c2u, u2c = session.c2u, session.u2c
-                assert c2u is not None and u2c is not None
-                totals[0] += c2u.messages
-                totals[1] += u2c.messages
-                totals[2] += c2u.bytes
-                totals[3] += u2c.bytes
+                a, b, c, d = _relayed(session)
+                m_in += a
+                m_out += b
+                b_in += c
+                b_out += d
                 sessions += not session.closed
+        totals = (m_in, m_out, b_in, b_out)
         given = self._given
         for i, child in enumerate(self._relayed):
             if totals[i] > given[i]:

@@ -61,8 +61,7 @@ def session_from(g: Guard, source: str) -> ClientConnection:
     """A websocket session with a good token, from ``source``."""
     if g.client_ssl is not None:
         return connect_tls(g.url(), g.client_ssl, source=source, close_timeout=3)
-    sock = socket.create_connection((HOST, g.port), timeout=5, source_address=(source, 0))
-    return connect(g.url(), sock=sock, open_timeout=5, close_timeout=3)
+    return connect(g.url(), sock=raw_from(g, source), open_timeout=5, close_timeout=3)
 
 
 def held(g: Guard, address: str) -> int:
